@@ -1,0 +1,46 @@
+"""MMDetection wrappers of the torch-only backbone and neck."""
+
+from __future__ import annotations
+
+from mmdet.registry import MODELS
+from mmengine.logging import print_log
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..models import SimpleFPN, ViT, load_timm_vit
+
+
+@MODELS.register_module()
+class TokenPruneViT(ViT):
+    """:class:`tokenprune.models.ViT` as an MMDetection backbone: returns a 1-tuple (stride-16 map,).
+
+    Args:
+        init_cfg: None (random init), or ``dict(type='Pretrained', checkpoint=PATH)`` with a local timm/DeiT
+            ViT state dict; the classifier is dropped, position embeddings resampled, keys reported.
+        **kwargs: The arguments of :class:`tokenprune.models.ViT`.
+    """
+
+    def __init__(self, init_cfg: dict | None = None, **kwargs) -> None:
+        if init_cfg is not None and (init_cfg.get("type") != "Pretrained" or "checkpoint" not in init_cfg):
+            raise ConfigError(
+                f"TokenPruneViT init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), got {init_cfg}"
+            )
+        try:
+            super().__init__(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"invalid TokenPruneViT arguments: {e}") from e
+        self.init_cfg = init_cfg
+
+    def init_weights(self) -> None:
+        """Called by the runner before training: loads ``init_cfg``'s checkpoint, if any."""
+        if self.init_cfg is None:
+            return
+        report = load_timm_vit(self, self.init_cfg["checkpoint"])
+        print_log(f"TokenPruneViT: weights from {self.init_cfg['checkpoint']}: {report}", logger="current")
+
+    def forward(self, x: Tensor) -> tuple[Tensor]:
+        return (super().forward(x),)
+
+
+MODELS.register_module(name="ViTDetFPN", module=SimpleFPN)
+ViTDetFPN = SimpleFPN

@@ -1,0 +1,95 @@
+"""Test (and evaluate) a detector: MMDetection's tools/test.py with this project's package, early config
+checks, CPU distributed launch (gloo), and ``--metrics-out`` to keep the metrics and throughput as JSON.
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out preds.pkl] [--show-dir DIR]
+                         [--metrics-out metrics.json] [--cfg-options k=v ...] [--launcher ...]
+"""
+
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+import time
+
+sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "projects"))
+
+from mmengine.config import DictAction
+from mmengine.dist import get_rank
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+import tokenprune  # noqa: F401  (registers models, datasets and the checkpoint allow-list)
+from tokenprune.errors import ConfigError
+from tokenprune.mmdet_plugin.cli import check_config, load_config, report_errors, setup_cpu_distributed
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Test (and evaluate) a detector")
+    parser.add_argument("config", help="test config file path")
+    parser.add_argument("checkpoint", help="checkpoint file")
+    parser.add_argument("--work-dir", help="the dir for the evaluation logs")
+    parser.add_argument("--out", help="dump predictions to this pickle file (.pkl) for offline evaluation")
+    parser.add_argument("--show", action="store_true", help="show prediction results")
+    parser.add_argument("--show-dir", help="save images with predictions drawn into this folder (in work-dir)")
+    parser.add_argument("--wait-time", type=float, default=2, help="the interval of show (s)")
+    parser.add_argument("--metrics-out", help="write the metrics, image count and images/s to this JSON file")
+    parser.add_argument(
+        "--cfg-options", nargs="+", action=DictAction, help="override config settings, e.g. model.test_cfg.x=1"
+    )
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--tta", action="store_true", help="test time augmentation (needs tta_model in config)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = parser.parse_args()
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
+
+
+@report_errors
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    if not osp.isfile(args.checkpoint):
+        raise ConfigError(f"checkpoint not found: {args.checkpoint}")
+    cfg.load_from = args.checkpoint
+    if args.show or args.show_dir:
+        from mmdet.engine.hooks.utils import trigger_visualization_hook
+
+        cfg = trigger_visualization_hook(cfg, args)
+    if args.tta:
+        if "tta_model" not in cfg or "tta_pipeline" not in cfg:
+            raise ConfigError("--tta needs tta_model and tta_pipeline in the config")
+        cfg.model = dict(**cfg.tta_model, module=cfg.model)
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    if args.out is not None and not args.out.endswith((".pkl", ".pickle")):
+        raise ConfigError(f"--out must be a .pkl or .pickle file, got {args.out}")
+    check_config(cfg, loaders=("test_dataloader",))
+    setup_cpu_distributed(cfg)
+    runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    if args.out is not None:
+        from mmdet.evaluation import DumpDetResults
+
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    start = time.perf_counter()
+    metrics = runner.test()
+    seconds = time.perf_counter() - start
+    if args.metrics_out and get_rank() == 0:
+        num_images = len(runner.test_dataloader.dataset)
+        summary = {
+            "metrics": metrics,
+            "num_images": num_images,
+            "seconds": seconds,
+            "images_per_s": num_images / seconds,
+        }
+        os.makedirs(osp.dirname(osp.abspath(args.metrics_out)), exist_ok=True)
+        with open(args.metrics_out, "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main()

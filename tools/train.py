@@ -1,0 +1,80 @@
+"""Train a detector: MMDetection's tools/train.py with this project's package, early config checks and
+CPU distributed launch (gloo).
+
+    python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CKPT]] [--cfg-options k=v ...]
+                          [--launcher {none,pytorch,slurm,mpi}]
+"""
+
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "projects"))
+
+from mmengine.config import DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+import tokenprune  # noqa: F401  (registers models, datasets and the checkpoint allow-list)
+from tokenprune.errors import ConfigError
+from tokenprune.mmdet_plugin.cli import check_config, load_config, report_errors, setup_cpu_distributed
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a detector")
+    parser.add_argument("config", help="train config file path")
+    parser.add_argument("--work-dir", help="the dir to save logs and models")
+    parser.add_argument("--amp", action="store_true", help="enable automatic mixed precision training (GPU)")
+    parser.add_argument("--auto-scale-lr", action="store_true", help="scale the LR by the total batch size")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        type=str,
+        const="auto",
+        help="resume from this checkpoint; without a path, from the latest checkpoint in the work dir",
+    )
+    parser.add_argument(
+        "--cfg-options", nargs="+", action=DictAction, help="override config settings, e.g. train_cfg.max_iters=10"
+    )
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = parser.parse_args()
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
+
+
+@report_errors
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    if args.amp:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--amp needs a CUDA GPU (mmengine's AmpOptimWrapper); drop --amp on CPU")
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    if args.auto_scale_lr:
+        if "auto_scale_lr" not in cfg or "base_batch_size" not in cfg.auto_scale_lr:
+            raise ConfigError("--auto-scale-lr needs auto_scale_lr = dict(enable=False, base_batch_size=N)")
+        cfg.auto_scale_lr.enable = True
+    if args.resume == "auto":
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+    check_config(cfg)
+    setup_cpu_distributed(cfg)
+    runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    runner.train()
+
+
+if __name__ == "__main__":
+    main()
