@@ -40,6 +40,7 @@ def test_configs_exist():
     names = {p.name for p in CONFIGS}
     assert "mask-rcnn_vit-t_simplefpn_shapes.py" in names
     assert {f"mask-rcnn_deit-{s}_simplefpn_3x_coco.py" for s in "tsb"} <= names
+    assert {"mask-rcnn_svit-t_simplefpn_shapes.py", "mask-rcnn_svit-s_simplefpn_4e_coco.py"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -53,6 +54,10 @@ def test_config_builds_trains_and_predicts(path):
     model.train()
     data = model.data_preprocessor(make_batch(num_classes), training=True)
     losses = model.loss(data["inputs"], data["data_samples"])
+    reducer = cfg.model.backbone.get("reducer")
+    if reducer is not None:
+        assert losses[f"loss_{reducer['type'].lower()}_ratio"] >= 0
+        assert all(f"keep_rate.block{b}" in losses for b in reducer["gated_blocks"])
     total = sum(v.sum() for k, v in losses.items() if "loss" in k and isinstance(v, torch.Tensor))
     assert torch.isfinite(total)
     total.backward()

@@ -1,5 +1,6 @@
 """The main job on the embedded shapes data: train the dense tiny ViT Mask R-CNN with tools/train.py,
-evaluate COCO box and mask mAP with tools/test.py, print a summary and write it to WORK_DIR/summary.json.
+fine-tune SViT from it, evaluate COCO box and mask mAP of both with tools/test.py, print a summary and write
+it to WORK_DIR/summary.json.
 
     python tools/demo.py [--work-dir work_dirs/demo]
 
@@ -14,7 +15,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"dense": "configs/dense/mask-rcnn_vit-t_simplefpn_shapes.py"}
+DENSE = "configs/dense/mask-rcnn_vit-t_simplefpn_shapes.py"
+SVIT = "configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py"
 
 
 def run(*args: str) -> None:
@@ -26,9 +28,9 @@ def latest_checkpoint(work_dir: Path) -> Path:
     return Path((work_dir / "last_checkpoint").read_text().strip())
 
 
-def train_and_test(name: str, config: str, work_dir: Path) -> dict:
+def train_and_test(name: str, config: str, work_dir: Path, *train_args: str) -> dict:
     start = time.perf_counter()
-    run("tools/train.py", config, "--work-dir", str(work_dir), "--resume")
+    run("tools/train.py", config, "--work-dir", str(work_dir), "--resume", *train_args)
     train_s = time.perf_counter() - start
     metrics_file = work_dir / "metrics.json"
     run(
@@ -41,13 +43,17 @@ def train_and_test(name: str, config: str, work_dir: Path) -> dict:
         str(metrics_file),
     )
     result = json.loads(metrics_file.read_text())
+    metrics = result["metrics"]
     return {
         "model": name,
         "config": config,
-        "box_mAP": result["metrics"]["coco/bbox_mAP"],
-        "mask_mAP": result["metrics"]["coco/segm_mAP"],
+        "box_mAP": metrics["coco/bbox_mAP"],
+        "mask_mAP": metrics["coco/segm_mAP"],
+        "keep_rate": metrics.get("keep_rate/mean", 1.0),
+        "keep_rate_per_block": {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("keep_rate/block")},
         "test_images_per_s": result["images_per_s"],
         "train_seconds_this_run": train_s,
+        "checkpoint": str(latest_checkpoint(work_dir)),
     }
 
 
@@ -56,7 +62,9 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(ROOT / "work_dirs/demo"))
     args = parser.parse_args()
     work_dir = Path(args.work_dir)
-    rows = [train_and_test(name, cfg, work_dir / name) for name, cfg in MODELS.items()]
+    dense = train_and_test("dense", DENSE, work_dir / "dense")
+    svit = train_and_test("svit", SVIT, work_dir / "svit", "--cfg-options", f"load_from={dense['checkpoint']}")
+    rows = [dense, svit]
     (work_dir / "summary.json").write_text(json.dumps(rows, indent=2))
     print("\nEmbedded shapes data, val split (100 images), CPU:")
     print(f"{'model':8} {'box mAP':>8} {'mask mAP':>9} {'test img/s':>11} {'train s':>8}")

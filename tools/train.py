@@ -13,8 +13,9 @@ import sys
 sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "projects"))
 
 from mmengine.config import DictAction
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+from mmengine.runner import Runner, find_latest_checkpoint
 
 import tokenprune  # noqa: F401  (registers models, datasets and the checkpoint allow-list)
 from tokenprune.errors import ConfigError
@@ -32,7 +33,8 @@ def parse_args() -> argparse.Namespace:
         nargs="?",
         type=str,
         const="auto",
-        help="resume from this checkpoint; without a path, from the latest checkpoint in the work dir",
+        help="resume from this checkpoint; without a path, from the latest checkpoint in the work dir (if none "
+        "is there yet, start as the config says)",
     )
     parser.add_argument(
         "--cfg-options", nargs="+", action=DictAction, help="override config settings, e.g. train_cfg.max_iters=10"
@@ -65,8 +67,13 @@ def main() -> None:
             raise ConfigError("--auto-scale-lr needs auto_scale_lr = dict(enable=False, base_batch_size=N)")
         cfg.auto_scale_lr.enable = True
     if args.resume == "auto":
-        cfg.resume = True
-        cfg.load_from = None
+        # the latest checkpoint in the work dir; if there is none, start as configured (load_from included)
+        latest = find_latest_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+        if latest is not None:
+            cfg.resume = True
+            cfg.load_from = latest
+        else:
+            print_log(f"--resume: no checkpoint in {cfg.work_dir} yet, starting from the config", logger="current")
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume

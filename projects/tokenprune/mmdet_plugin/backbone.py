@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models import SimpleFPN, ViT, load_timm_vit
+from ..models.reducers import build_reducer
 
 
 @MODELS.register_module()
@@ -15,12 +16,14 @@ class TokenPruneViT(ViT):
     """:class:`tokenprune.models.ViT` as an MMDetection backbone: returns a 1-tuple (stride-16 map,).
 
     Args:
+        reducer: None (dense), or a token reducer's config, e.g. ``dict(type='SViT', keep_targets=[...])``
+            (see ``tokenprune.models.reducers.REDUCERS``).
         init_cfg: None (random init), or ``dict(type='Pretrained', checkpoint=PATH)`` with a local timm/DeiT
             ViT state dict; the classifier is dropped, position embeddings resampled, keys reported.
-        **kwargs: The arguments of :class:`tokenprune.models.ViT`.
+        **kwargs: The other arguments of :class:`tokenprune.models.ViT`.
     """
 
-    def __init__(self, init_cfg: dict | None = None, **kwargs) -> None:
+    def __init__(self, reducer: dict | None = None, init_cfg: dict | None = None, **kwargs) -> None:
         if init_cfg is not None and (init_cfg.get("type") != "Pretrained" or "checkpoint" not in init_cfg):
             raise ConfigError(
                 f"TokenPruneViT init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), got {init_cfg}"
@@ -29,6 +32,11 @@ class TokenPruneViT(ViT):
             super().__init__(**kwargs)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"invalid TokenPruneViT arguments: {e}") from e
+        reducer = build_reducer(reducer, self.embed_dim)
+        try:
+            self.set_reducer(reducer)
+        except ValueError as e:
+            raise ConfigError(f"the reducer does not fit this backbone: {e}") from e
         self.init_cfg = init_cfg
 
     def init_weights(self) -> None:

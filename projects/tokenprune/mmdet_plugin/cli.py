@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from mmengine.config import Config
+from mmengine.logging import print_log
 
 from ..errors import ConfigError, TokenPruneError
 from .datasets import check_coco_file
@@ -81,7 +82,10 @@ def check_config(
         )
     load_from = cfg.get("load_from")
     if load_from and not cfg.get("resume") and "://" not in load_from and not os.path.isfile(load_from):
-        raise ConfigError(f"load_from checkpoint not found: {load_from}")
+        raise ConfigError(
+            f"load_from checkpoint not found: {load_from}. Train the model this config starts from first, or "
+            "pass --cfg-options load_from=/path/to/checkpoint.pth"
+        )
 
 
 def setup_cpu_distributed(cfg: Config) -> None:
@@ -93,6 +97,7 @@ def setup_cpu_distributed(cfg: Config) -> None:
         raise ConfigError(f"--launcher {cfg.launcher} without CUDA is not supported; use --launcher pytorch")
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
+    print_log(f"no CUDA: distributed on CPU with gloo, world size {dist.get_world_size()}", logger="current")
     cfg.env_cfg.setdefault("dist_cfg", {})["backend"] = "gloo"
     wrapper = cfg.get("model_wrapper_cfg") or {"type": "MMDistributedDataParallel"}
     wrapper["device_ids"] = None

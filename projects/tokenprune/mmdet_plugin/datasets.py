@@ -53,6 +53,9 @@ class ShapesDataset(CocoDataset):
 
     def load_data_list(self) -> list[dict]:
         if self.generate is not None:
-            make_shapes_dataset(self.data_root, **self.generate)
+            try:
+                make_shapes_dataset(self.data_root, **self.generate)
+            except (ValueError, TypeError) as e:
+                raise DatasetError(f"the embedded shapes data could not be made: {e}") from e
         check_coco_file(self.ann_file)
         return super().load_data_list()

@@ -1,0 +1,352 @@
+"""SViT: per-token gates that prune, keep in the map and reactivate tokens.
+
+Liu et al., "Revisiting Token Pruning for Object Detection and Instance Segmentation", WACV 2024
+(METHODS.md section 1). Blocks listed in ``gated_blocks`` each own a 2-layer MLP gate,
+LayerNorm(C) -> Linear(C, C/4) -> GELU -> Linear(C/4, 2) -> log-softmax (class 0 = keep), that decides for
+every patch token, pruned ones included, whether the block updates it. Prefix (CLS) tokens are always kept.
+A pruned token is not discarded: it keeps its last value, so the output map is complete, and a later gate may
+reactivate it (``reactivation=False`` makes pruning final instead).
+
+Training (as the paper): a hard Gumbel-softmax with straight-through gradients gives d in {0, 1} per token;
+all tokens run through the block with the pruned ones masked out as attention keys, and the block's output
+is ``d * block(x) + (1 - d) * x``. The ratio loss is ``weight * mean_blocks (keep fraction - target)^2``, the
+keep fraction averaged over the batch (``ratio_loss='batch'``, the paper's) or per image (``'image'``).
+
+Inference: the kept tokens of each image are gathered, the block runs on them only (a batch with different
+counts per image is padded to the largest count and the padding masked out as keys) and the results are
+scattered back. Which tokens are kept:
+
+- ``inference='threshold'`` (default, our choice): keep a token if ``p_keep >= threshold[block]``. The
+  official rule, ``p_keep > 0.5``, keeps almost nothing in the late blocks: the ratio loss is met with
+  p_keep near the target everywhere, not with confident gates. So each gated block has a threshold buffer
+  (saved in checkpoints), an EMA (``threshold_momentum``) of the per-batch (1 - target) quantile of p_keep
+  over the batch's patch tokens, i.e. the threshold at which that batch would have kept exactly its target.
+  It is updated by every training forward, and by eval forwards while ``calibrating`` is True (to calibrate a
+  checkpoint that lacks it); ``calibration_steps`` counts the updates, the first 1 / momentum of which are
+  averaged equally. The rate then varies per image (the paper's finding 3) and meets the target on average
+  over images like the calibration ones. A block whose threshold was never updated falls back to the fixed
+  rule.
+- ``inference='fixed'``: keep exactly ``ceil(target * N)`` top-p_keep tokens per image (N patch tokens),
+  e.g. to benchmark untrained gates.
+
+Either way at least ``min_keep`` patch tokens per image are kept (the highest p_keep ones), in training too,
+so attention never runs over zero keys. Under DistributedDataParallel the buffers are broadcast from rank 0
+at each forward, so the thresholds follow rank 0's batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import TokenReducer
+
+KEEP = 0  # the gate's class index of "keep"
+
+DEFAULT_GATED_BLOCKS = tuple(range(3, 12))
+DEFAULT_KEEP_TARGETS = (0.7,) * 3 + (0.49,) * 3 + (0.343,) * 3
+
+
+def keep_count(target: float, n: int) -> int:
+    """ceil(target * n), robust to float noise such as 0.7 * 10 = 7.000000000000001."""
+    return math.ceil(round(target * n, 6))
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """(B, N) scores -> (B, N) bool, True at the k highest of each row."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter(1, scores.topk(min(k, scores.shape[1]), dim=1).indices, True)
+
+
+def with_prefix(patch: Tensor, num_prefix: int, value: float | bool) -> Tensor:
+    """(B, Np) per-patch values -> (B, num_prefix + Np), the prefix positions set to ``value``."""
+    prefix = torch.full((patch.shape[0], num_prefix), value, dtype=patch.dtype, device=patch.device)
+    return torch.cat([prefix, patch], dim=1)
+
+
+def svit_ratio_loss(fractions: Tensor, targets: Tensor, mode: str = "batch") -> Tensor:
+    """SViT's ratio loss, unweighted: mean over gated blocks of (keep fraction - target)^2.
+
+    Args:
+        fractions: (G, B) kept fraction of each image's patch tokens at each of G gated blocks.
+        targets: (G,) keep target per gated block.
+        mode: ``'batch'`` compares the batch-mean fraction with the target, ``'image'`` each image's.
+    """
+    if mode == "batch":
+        return ((fractions.mean(dim=1) - targets) ** 2).mean()
+    return ((fractions - targets[:, None]) ** 2).mean()
+
+
+class SViTGate(nn.Module):
+    """SViT's gate: LayerNorm -> Linear(C, C/4) -> GELU -> Linear(C/4, 2) -> log-softmax, class 0 = keep.
+
+    Args:
+        dim: Token channels C.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim // 4)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(dim // 4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tokens (B, N, C) -> log-probabilities (B, N, 2) of (keep, prune)."""
+        return F.log_softmax(self.fc2(self.act(self.fc1(self.norm(x)))), dim=-1)
+
+
+@dataclass
+class SViTState:
+    """What one forward of :class:`SViTReducer` remembers.
+
+    Attributes:
+        num_prefix: Prefix tokens in front of the patch tokens.
+        hw: Patch grid (h, w).
+        keep: (B, h*w) the last gate's decision: float {0, 1} carrying straight-through gradients in
+            training, bool at inference; None before the first gated block.
+        keep_fractions: Gated block index -> (B,) kept fraction of each image's patch tokens (with gradients
+            in training).
+        keep_masks: Gated block index -> (B, h*w) bool decision, detached.
+    """
+
+    num_prefix: int
+    hw: tuple[int, int]
+    keep: Tensor | None = None
+    keep_fractions: dict[int, Tensor] = field(default_factory=dict)
+    keep_masks: dict[int, Tensor] = field(default_factory=dict)
+
+
+class SViTReducer(TokenReducer):
+    """SViT token pruning (Liu et al., WACV 2024); see the module docstring for training and inference.
+
+    Args:
+        embed_dim: Token channels C of the backbone.
+        gated_blocks: Indices of the blocks that get a gate (the others run densely), increasing.
+        keep_targets: Keep target in (0, 1] per gated block, as a fraction of the image's patch tokens.
+        ratio_loss_weight: Weight of the ratio loss.
+        ratio_loss: ``'batch'`` (the paper's: batch-mean keep fraction against the target) or ``'image'``.
+        reactivation: Let every gate decide over all tokens, so pruned tokens can come back; False keeps a
+            pruned token pruned at every later block.
+        min_keep: Patch tokens kept per image at least, at every gated block (>= 1).
+        tau: Gumbel-softmax temperature in training.
+        inference: ``'threshold'`` (p_keep against the calibrated per-block threshold) or ``'fixed'`` (exactly
+            ceil(target * N) top-scored tokens per image).
+        threshold_momentum: EMA momentum of the threshold calibration, in (0, 1].
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        gated_blocks: Sequence[int] = DEFAULT_GATED_BLOCKS,
+        keep_targets: Sequence[float] = DEFAULT_KEEP_TARGETS,
+        ratio_loss_weight: float = 4.0,
+        ratio_loss: str = "batch",
+        reactivation: bool = True,
+        min_keep: int = 1,
+        tau: float = 1.0,
+        inference: str = "threshold",
+        threshold_momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        gated_blocks, keep_targets = tuple(int(b) for b in gated_blocks), tuple(float(t) for t in keep_targets)
+        self._check_args(gated_blocks, keep_targets, ratio_loss, min_keep, tau, inference, threshold_momentum)
+        self.embed_dim = embed_dim
+        self.gated_blocks = gated_blocks
+        self.keep_targets = keep_targets
+        self.ratio_loss_weight = ratio_loss_weight
+        self.ratio_loss = ratio_loss
+        self.reactivation = reactivation
+        self.min_keep = min_keep
+        self.tau = tau
+        self.inference = inference
+        self.threshold_momentum = threshold_momentum
+        self.calibrating = False
+        self.gate_index = {block: i for i, block in enumerate(gated_blocks)}
+        self.gates = nn.ModuleList(SViTGate(embed_dim) for _ in gated_blocks)
+        self.register_buffer("thresholds", torch.zeros(len(gated_blocks)))
+        self.register_buffer("calibration_steps", torch.zeros(len(gated_blocks), dtype=torch.long))
+
+    @staticmethod
+    def _check_args(gated_blocks, keep_targets, ratio_loss, min_keep, tau, inference, momentum) -> None:
+        if len(keep_targets) != len(gated_blocks):
+            raise ValueError(
+                f"keep_targets needs one value per gated block: {len(keep_targets)} targets {keep_targets} "
+                f"for {len(gated_blocks)} gated blocks {gated_blocks}"
+            )
+        if not all(0.0 < t <= 1.0 for t in keep_targets):
+            raise ValueError(f"keep_targets must each be in (0, 1], got {keep_targets}")
+        if any(b < 0 for b in gated_blocks) or any(a >= b for a, b in zip(gated_blocks, gated_blocks[1:])):
+            raise ValueError(f"gated_blocks must be non-negative and strictly increasing, got {gated_blocks}")
+        if ratio_loss not in ("batch", "image"):
+            raise ValueError(f"ratio_loss must be 'batch' or 'image', got {ratio_loss!r}")
+        if inference not in ("threshold", "fixed"):
+            raise ValueError(f"inference must be 'threshold' or 'fixed', got {inference!r}")
+        if min_keep < 1:
+            raise ValueError(f"min_keep must be >= 1 (attention needs a key), got {min_keep}")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"threshold_momentum must be in (0, 1], got {momentum}")
+
+    def check_backbone(self, depth: int, embed_dim: int) -> None:
+        if embed_dim != self.embed_dim:
+            raise ValueError(f"SViTReducer was built for embed_dim={self.embed_dim}, the backbone has {embed_dim}")
+        if self.gated_blocks and self.gated_blocks[-1] >= depth:
+            raise ValueError(f"gated_blocks {self.gated_blocks} do not fit a backbone of depth {depth}")
+
+    def extra_repr(self) -> str:
+        return (
+            f"gated_blocks={self.gated_blocks}, keep_targets={self.keep_targets}, inference={self.inference!r}, "
+            f"reactivation={self.reactivation}, ratio_loss={self.ratio_loss!r}"
+        )
+
+    def reset_thresholds(self) -> None:
+        """Forget the calibrated thresholds: inference falls back to the fixed rule until recalibrated."""
+        self.thresholds.zero_()
+        self.calibration_steps.zero_()
+
+    # the three calls of the backbone
+
+    def begin(self, x: Tensor, hw: tuple[int, int], num_prefix: int) -> tuple[Tensor, SViTState]:
+        return x, SViTState(num_prefix=num_prefix, hw=tuple(hw))
+
+    def run_block(self, index: int, block: nn.Module, x: Tensor, state: SViTState) -> Tensor:
+        g = self.gate_index.get(index)
+        if g is None:
+            return block(x)
+        if self.training:
+            return self._run_gated_train(g, block, x, state)
+        return self._run_gated_eval(g, block, x, state)
+
+    def finish(self, x: Tensor, state: SViTState) -> Tensor:
+        return x  # pruned tokens were never removed from x
+
+    def aux_losses(self, state: SViTState) -> dict[str, Tensor]:
+        if not state.keep_fractions:
+            return {}
+        fractions = torch.stack([state.keep_fractions[b] for b in self.gated_blocks])
+        targets = fractions.new_tensor(self.keep_targets)
+        return {"loss_svit_ratio": self.ratio_loss_weight * svit_ratio_loss(fractions, targets, self.ratio_loss)}
+
+    def stats(self, state: SViTState) -> dict[str, float | Tensor]:
+        """``keep_rate.block{i}`` (0-dim, mean over images), ``keep_rate_per_image.block{i}`` (B,), and
+        ``keep_rate.mean`` over the gated blocks; tensors, detached, so logging forces no device sync here."""
+        out: dict[str, float | Tensor] = {}
+        for block, fractions in state.keep_fractions.items():
+            out[f"keep_rate.block{block}"] = fractions.detach().mean()
+            out[f"keep_rate_per_image.block{block}"] = fractions.detach()
+        if state.keep_fractions:
+            out["keep_rate.mean"] = torch.stack([f.detach().mean() for f in state.keep_fractions.values()]).mean()
+        return out
+
+    # gated blocks
+
+    def _run_gated_train(self, g: int, block: nn.Module, x: Tensor, state: SViTState) -> Tensor:
+        """Gumbel decision, keys masked, ``d * block(x) + (1 - d) * x``; x stays (B, N, C)."""
+        P = state.num_prefix
+        log_p = self.gates[g](x[:, P:])
+        d = self.sample_keep(log_p)
+        p_keep = self._allowed_scores(log_p[..., KEEP].exp(), state)
+        if not self.reactivation and state.keep is not None:
+            d = d * state.keep
+        d = self._force_min_keep(d, p_keep)
+        self._update_threshold(g, p_keep)
+        y = block(x, with_prefix(d.detach() > 0.5, P, True)[:, None, None, :])
+        d_full = with_prefix(d, P, 1.0).unsqueeze(-1)
+        self._record(g, d, state)
+        return d_full * y + (1.0 - d_full) * x
+
+    def sample_keep(self, log_p: Tensor) -> Tensor:
+        """Gate log-probabilities (B, Np, 2) -> hard Gumbel-softmax keep decision (B, Np) in {0, 1}, with
+        straight-through gradients."""
+        return F.gumbel_softmax(log_p, tau=self.tau, hard=True, dim=-1)[..., KEEP]
+
+    def _run_gated_eval(self, g: int, block: nn.Module, x: Tensor, state: SViTState) -> Tensor:
+        """Deterministic decision, block run on the kept tokens only; x stays (B, N, C)."""
+        P = state.num_prefix
+        p_keep = self._allowed_scores(self.gates[g](x[:, P:])[..., KEEP].exp(), state)
+        if self.calibrating:
+            self._update_threshold(g, p_keep)
+        keep = self._decide(g, p_keep)
+        if not self.reactivation and state.keep is not None:
+            keep &= state.keep
+        self._record(g, keep, state)
+        return run_on_kept(block, x, with_prefix(keep, P, True))
+
+    def _allowed_scores(self, p_keep: Tensor, state: SViTState) -> Tensor:
+        """(B, Np) p_keep, set to -1 where a token may not be kept (pruned earlier, without reactivation)."""
+        if self.reactivation or state.keep is None:
+            return p_keep
+        return p_keep.masked_fill(state.keep.detach() <= 0.5, -1.0)
+
+    def _force_min_keep(self, d: Tensor, p_keep: Tensor) -> Tensor:
+        """Keep the top-``min_keep`` tokens of images that kept fewer; gradients still pass through d."""
+        short = d.detach().sum(dim=1, keepdim=True) < self.min_keep
+        force = topk_mask(p_keep, self.min_keep) & short
+        return d + (1.0 - d).detach() * force
+
+    def _decide(self, g: int, p_keep: Tensor) -> Tensor:
+        """(B, Np) p_keep -> (B, Np) bool keep decision at inference."""
+        target = self.keep_targets[g]
+        if target >= 1.0:
+            keep = torch.ones_like(p_keep, dtype=torch.bool)
+        elif self.inference == "fixed" or not bool(self.calibration_steps[g]):
+            keep = topk_mask(p_keep, keep_count(target, p_keep.shape[1]))
+        else:
+            keep = p_keep >= self.thresholds[g]
+        return keep | topk_mask(p_keep, self.min_keep)
+
+    @torch.no_grad()
+    def _update_threshold(self, g: int, p_keep: Tensor) -> None:
+        """EMA of the value at which this batch's p_keep keeps its target fraction of tokens.
+
+        The first 1 / ``threshold_momentum`` updates average the batches equally, so a short calibration
+        does not lean on its first batch.
+        """
+        p = p_keep.detach().flatten().float()
+        k = max(1, min(p.numel(), round(self.keep_targets[g] * p.numel())))
+        batch_threshold = torch.kthvalue(p, p.numel() - k + 1).values.clamp(min=0.0)
+        m = (1.0 / (self.calibration_steps[g] + 1)).clamp(min=self.threshold_momentum)
+        self.thresholds[g] += m * (batch_threshold - self.thresholds[g])
+        self.calibration_steps[g] += 1
+
+    def _record(self, g: int, keep: Tensor, state: SViTState) -> None:
+        block = self.gated_blocks[g]
+        state.keep = keep
+        state.keep_fractions[block] = keep.float().mean(dim=1)
+        state.keep_masks[block] = keep.detach() > 0.5 if keep.is_floating_point() else keep
+
+
+def run_on_kept(block: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
+    """Run ``block`` on the kept tokens of each image only; the others keep their value.
+
+    Args:
+        block: Callable ``block(x, attn_mask)``, (B, M, C) -> (B, M, C).
+        x: Tokens (B, N, C).
+        keep: (B, N) bool, at least one True per row.
+
+    Returns:
+        (B, N, C): the block's output at kept positions, ``x`` elsewhere. Images keeping fewer tokens than
+        the batch's largest count are padded with some of their pruned tokens, masked out as keys, and
+        those padding rows are not written back.
+    """
+    B, N, C = x.shape
+    counts = keep.sum(dim=1)
+    fewest, most = torch.stack(counts.aminmax()).tolist()
+    if fewest == N:
+        return block(x)
+    # kept tokens first, each group in its original order; positions past an image's count are its pruned tokens
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :most]
+    index = order.unsqueeze(-1).expand(-1, -1, C)
+    kept = x.gather(1, index)
+    if fewest == most:
+        return x.scatter(1, index, block(kept))
+    real = torch.arange(most, device=x.device) < counts[:, None]
+    out = block(kept, real[:, None, None, :])
+    return x.scatter(1, index, torch.where(real.unsqueeze(-1), out, kept))

@@ -1,0 +1,321 @@
+"""SViT token pruning (tokenprune.models.reducers.svit) in the ViT backbone, on tiny models."""
+
+import math
+
+import pytest
+import torch
+
+from tokenprune.models import SViTReducer, ViT
+from tokenprune.models.reducers.svit import svit_ratio_loss
+
+DIM, DEPTH, HEADS = 48, 6, 3
+GATED = (2, 3, 4, 5)
+TARGETS = (0.7, 0.7, 0.49, 0.343)
+IMG = (64, 96)  # a 4 x 6 token grid
+N = 24
+
+
+def make_model(cls_token: bool = True, seed: int = 0, **reducer_kwargs) -> ViT:
+    torch.manual_seed(seed)
+    kwargs = {"gated_blocks": GATED, "keep_targets": TARGETS, **reducer_kwargs}
+    reducer = SViTReducer(DIM, **kwargs)
+    return ViT(img_size=64, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, cls_token=cls_token, reducer=reducer)
+
+
+def images(batch: int, seed: int = 1) -> torch.Tensor:
+    """Images of different content: each has its own brightness and contrast."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(batch, 1, 1, 1, generator=g) * 2 + 0.2
+    shift = torch.randn(batch, 1, 1, 1, generator=g)
+    return torch.randn(batch, 3, *IMG, generator=g) * scale + shift
+
+
+def force_gates(model: ViT, keep: bool, blocks=GATED) -> None:
+    """Gates whose decision ignores the input: keep (or prune) every token, Gumbel noise or not."""
+    for b in blocks:
+        fc2 = model.reducer.gates[model.reducer.gate_index[b]].fc2
+        with torch.no_grad():
+            fc2.weight.zero_()
+            fc2.bias.copy_(torch.tensor([50.0, -50.0]) * (1 if keep else -1))
+
+
+def noise_free(model: ViT) -> None:
+    """Training-mode decisions by argmax (straight-through) instead of Gumbel samples."""
+
+    def sample_keep(log_p):
+        hard = (log_p[..., 0] >= log_p[..., 1]).float()
+        soft = log_p[..., 0].exp()
+        return hard - soft.detach() + soft
+
+    model.reducer.sample_keep = sample_keep
+
+
+def capture_states(model: ViT) -> list:
+    """Record the reducer's per-forward state at each forward's finish()."""
+    states, finish = [], model.reducer.finish
+
+    def recording_finish(x, state):
+        states.append(state)
+        return finish(x, state)
+
+    model.reducer.finish = recording_finish
+    return states
+
+
+@torch.no_grad()
+def calibrate(model: ViT, steps: int = 3, batch: int = 4) -> None:
+    model.train()
+    for i in range(steps):
+        model(images(batch, seed=100 + i))
+    model.eval()
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+@pytest.mark.parametrize("training", [False, True])
+def test_keep_all_matches_dense(cls_token, training):
+    model = make_model(cls_token, keep_targets=(1.0,) * 4)
+    dense = ViT(img_size=64, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, cls_token=cls_token)
+    result = dense.load_state_dict(model.state_dict(), strict=False)
+    assert result.missing_keys == [] and all(k.startswith("reducer.") for k in result.unexpected_keys)
+    if training:
+        force_gates(model, keep=True)  # keep target 1.0 does not stop Gumbel sampling from pruning
+    model.train(training)
+    dense.train(training)
+    x = images(2)
+    with torch.no_grad():
+        got, want = model(x), dense(x)
+    assert (got - want).abs().max().item() < 1e-5
+    assert all(v.item() == 1.0 for k, v in model.last_stats.items() if k.startswith("keep_rate."))
+
+
+@pytest.mark.parametrize("inference", ["threshold", "fixed"])
+def test_batch_equals_one_at_a_time_eval(inference):
+    model = make_model(inference=inference)
+    calibrate(model)
+    states = capture_states(model)
+    x = images(3)
+    with torch.no_grad():
+        batched = model(x)
+        singles = torch.cat([model(x[i : i + 1]) for i in range(3)])
+    assert (batched - singles).abs().max().item() < 1e-5
+    counts = torch.stack([m.sum(1) for m in states[0].keep_masks.values()])  # (blocks, images)
+    assert (counts < N).any(1).all()  # every gated block gathered
+    if inference == "threshold":  # images kept different numbers of tokens: padding was exercised
+        assert (counts != counts[:, :1]).any()
+
+
+def test_batch_equals_one_at_a_time_train():
+    model = make_model()
+    noise_free(model)
+    model.train()
+    states = capture_states(model)
+    x = images(3)
+    with torch.no_grad():
+        batched = model(x)
+        singles = torch.cat([model(x[i : i + 1]) for i in range(3)])
+    assert (batched - singles).abs().max().item() < 1e-5
+    kept = torch.stack([m.float().mean() for m in states[0].keep_masks.values()])
+    assert ((kept > 0) & (kept < 1)).any()  # the gates pruned some tokens, not all
+
+
+@pytest.mark.parametrize("reactivation", [True, False])
+def test_train_masking_matches_eval_gathering(reactivation):
+    # same decisions (p_keep >= 0.5) both ways: masking pruned keys == running the block on the kept tokens
+    model = make_model(reactivation=reactivation)
+    noise_free(model)
+    with torch.no_grad():
+        model.reducer.thresholds.fill_(0.5)
+        model.reducer.calibration_steps.fill_(1)
+    states = capture_states(model)
+    x = images(3)
+    with torch.no_grad():
+        inferred = model.eval()(x)
+        trained = model.train()(x)  # (moves the thresholds, so second)
+    for block in GATED:
+        assert torch.equal(states[0].keep_masks[block], states[1].keep_masks[block])
+    assert not all(m.all() for m in states[0].keep_masks.values())
+    assert (trained - inferred).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("reactivation", [True, False])
+def test_gradients_reach_every_gate(reactivation):
+    model = make_model(reactivation=reactivation).train()
+    out = model(images(2))
+    # through the straight-through decision alone, then together with the ratio loss
+    out.sum().backward(retain_graph=True)
+    for gate in model.reducer.gates:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
+    model.zero_grad()
+    (out.sum() + model.last_aux_losses["loss_svit_ratio"]).backward()
+    for gate in model.reducer.gates:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
+
+
+def test_ratio_loss_zero_at_target_and_grows_away():
+    targets = torch.tensor([0.7, 0.49])
+    losses = [svit_ratio_loss(targets[:, None] + d, targets).item() for d in (0.0, 0.1, -0.2, 0.3)]
+    assert losses[0] == 0.0 and 0 < losses[1] < losses[2] < losses[3]
+    # per image: images above and below the target cancel in the batch mean only
+    spread = targets[:, None] + torch.tensor([[-0.1, 0.1]])
+    assert svit_ratio_loss(spread, targets, "batch").item() < 1e-12
+    assert svit_ratio_loss(spread, targets, "image").item() == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("targets, want", [((1.0,) * 4, 0.0), ((0.5,) * 4, 4.0 * 0.25)])
+def test_ratio_loss_in_the_model(targets, want):
+    model = make_model(keep_targets=targets).train()
+    force_gates(model, keep=True)
+    model(images(2))
+    assert model.last_aux_losses["loss_svit_ratio"].item() == pytest.approx(want)
+
+
+@pytest.mark.parametrize("min_keep", [1, 3])
+@pytest.mark.parametrize("training", [False, True])
+def test_pruning_everything_is_guarded(min_keep, training):
+    model = make_model(cls_token=False, min_keep=min_keep)
+    force_gates(model, keep=False)
+    with torch.no_grad():
+        model.reducer.thresholds.fill_(1.0)  # p_keep < 1: the threshold rule keeps nothing
+        model.reducer.calibration_steps.fill_(1)
+    model.train(training)
+    states = capture_states(model)
+    out = model(images(3))
+    assert torch.isfinite(out).all()
+    for mask in states[0].keep_masks.values():
+        assert mask.sum(1).tolist() == [min_keep] * 3
+    if training:
+        assert torch.isfinite(model.last_aux_losses["loss_svit_ratio"])
+
+
+@pytest.mark.parametrize("reactivation", [True, False])
+def test_reactivation_eval(reactivation):
+    # block 2 keeps half the tokens; block 3 wants all of them back
+    model = make_model(
+        gated_blocks=(2, 3), keep_targets=(0.5, 1.0), inference="fixed", reactivation=reactivation
+    ).eval()
+    states = capture_states(model)
+    with torch.no_grad():
+        model(images(2))
+    first, second = states[0].keep_masks[2], states[0].keep_masks[3]
+    assert first.sum(1).tolist() == [N // 2] * 2
+    assert second.all() if reactivation else torch.equal(second, first)
+
+
+@pytest.mark.parametrize("reactivation", [True, False])
+def test_reactivation_train(reactivation):
+    model = make_model(gated_blocks=(2, 3), keep_targets=(0.5, 0.5), reactivation=reactivation).train()
+    noise_free(model)
+    force_gates(model, keep=True, blocks=(3,))
+    states = capture_states(model)
+    with torch.no_grad():
+        model(images(2))
+    first, second = states[0].keep_masks[2], states[0].keep_masks[3]
+    assert not first.all() and first.any()
+    assert second.all() if reactivation else torch.equal(second, first)
+
+
+@pytest.mark.parametrize("inference", ["threshold", "fixed"])
+def test_inference_is_deterministic(inference):
+    model = make_model(inference=inference)
+    calibrate(model)
+    x = images(3)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("img, n", [(IMG, N), ((80, 80), 25)])
+def test_fixed_mode_keeps_exact_budget(img, n):
+    targets = (0.7, 0.5, 0.49, 0.343)
+    model = make_model(keep_targets=targets, inference="fixed").eval()
+    calibrate(model)  # calibrated thresholds must not matter in fixed mode
+    states = capture_states(model)
+    with torch.no_grad():
+        model(torch.randn(3, 3, *img))
+    for block, target in zip(GATED, targets):
+        assert states[0].keep_masks[block].sum(1).tolist() == [math.ceil(target * n)] * 3
+
+
+def test_uncalibrated_threshold_mode_falls_back_to_fixed():
+    model = make_model().eval()
+    assert not model.reducer.calibration_steps.any()
+    states = capture_states(model)
+    with torch.no_grad():
+        model(images(2))
+    for block, target in zip(GATED, TARGETS):
+        assert states[0].keep_masks[block].sum(1).tolist() == [math.ceil(target * N)] * 2
+
+
+def test_threshold_calibration_meets_target_on_average():
+    # 96 tokens per image: enough that the realised rate of 64 images measures the threshold, not the sample
+    model = make_model()
+    g = torch.Generator().manual_seed(3)
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):
+            model(torch.randn(8, 3, 128, 192, generator=g))
+    assert (model.reducer.calibration_steps == 20).all()
+    model.eval()
+    rates = []
+    with torch.no_grad():
+        for _ in range(8):
+            model(torch.randn(8, 3, 128, 192, generator=g))
+            rates.append([model.last_stats[f"keep_rate.block{b}"].item() for b in GATED])
+    realised = torch.tensor(rates).mean(0)
+    assert (realised - torch.tensor(TARGETS)).abs().max().item() < 0.05, realised
+    per_image = model.last_stats[f"keep_rate_per_image.block{GATED[-1]}"]
+    assert per_image.shape == (8,) and per_image.std() > 0  # the rate is dynamic per image
+
+
+def test_eval_calibration_only_while_calibrating():
+    model = make_model().eval()
+    with torch.no_grad():
+        model(images(2))
+        assert not model.reducer.calibration_steps.any()
+        model.reducer.calibrating = True
+        model(images(2))
+        model(images(2, seed=2))
+    assert (model.reducer.calibration_steps == 2).all() and (model.reducer.thresholds > 0).all()
+    model.reducer.reset_thresholds()
+    assert not model.reducer.calibration_steps.any()
+
+
+def test_thresholds_are_in_the_checkpoint():
+    model = make_model()
+    calibrate(model)
+    fresh = make_model(seed=1)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.reducer.calibration_steps.all() and torch.equal(fresh.reducer.thresholds, model.reducer.thresholds)
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_pruned_tokens_keep_last_value(cls_token):
+    # ceil(0.1 * 24) = 3 tokens per gated block: at least 12 of 24 are never updated after block 1
+    model = make_model(cls_token, keep_targets=(0.1,) * 4, inference="fixed").eval()
+    states = capture_states(model)
+    after_dense = []
+    model.blocks[GATED[0] - 1].register_forward_hook(lambda m, i, o: after_dense.append(o))
+    x = images(2)
+    with torch.no_grad():
+        tokens, _ = model.forward_features(x)
+        want = model.norm(after_dense[0])
+    P = model.num_prefix_tokens
+    never = ~torch.stack(list(states[0].keep_masks.values())).any(0)  # (B, N)
+    assert never.sum(1).min() >= N - 4 * 3
+    got_patch, want_patch = tokens[:, P:], want[:, P:]
+    assert torch.allclose(got_patch[never], want_patch[never], atol=1e-6, rtol=0)
+    assert (got_patch[~never] - want_patch[~never]).abs().amax(-1).min() > 1e-3
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="one value per gated block"):
+        SViTReducer(DIM, gated_blocks=(2, 3), keep_targets=(0.7,))
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        SViTReducer(DIM, gated_blocks=(2, 3), keep_targets=(0.7, 1.5))
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        SViTReducer(DIM, gated_blocks=(2,), keep_targets=(0.0,))
+    with pytest.raises(ValueError, match="ratio_loss"):
+        SViTReducer(DIM, ratio_loss="tokens")
+    with pytest.raises(ValueError, match="depth 6"):
+        make_model(gated_blocks=(3, 6), keep_targets=(0.5, 0.5))
+    with pytest.raises(ValueError, match="embed_dim"):
+        ViT(embed_dim=DIM, depth=DEPTH, num_heads=HEADS, reducer=SViTReducer(96))
