@@ -6,7 +6,7 @@
 _base_ = '../dense/mask-rcnn_vit-t_simplefpn_shapes.py'
 
 load_from = '{{ fileDirname }}/../../work_dirs/demo/dense/iter_400.pth'
-max_iters = 200
+max_iters = 150
 model = dict(
     type='TokenPruneMaskRCNN',
     backbone=dict(
