@@ -49,12 +49,7 @@ def parse_args() -> argparse.Namespace:
 @report_errors
 def main() -> None:
     args = parse_args()
-    cfg = load_config(args.config, args.cfg_options)
-    cfg.launcher = args.launcher
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get("work_dir") is None:
-        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if args.amp:
         import torch
 

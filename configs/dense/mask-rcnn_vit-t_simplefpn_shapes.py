@@ -4,6 +4,7 @@
 _base_ = [
     '../_base_/models/mask-rcnn_vit_simplefpn.py',
     '../_base_/datasets/shapes_instance.py',
+    '../_base_/schedules/adamw_3x.py',
     'mmdet::_base_/default_runtime.py',
 ]
 
@@ -24,23 +25,13 @@ model = dict(
         rpn=dict(nms_pre=500, max_per_img=300),
         rcnn=dict(max_per_img=50)))
 
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
-val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
     dict(type='CosineAnnealingLR', by_epoch=False, begin=50, end=max_iters, eta_min=1e-6),
 ]
-optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=3e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(
-        custom_keys={
-            'pos_embed': dict(decay_mult=0.0),
-            'cls_token': dict(decay_mult=0.0),
-            'norm': dict(decay_mult=0.0),
-        }),
-    clip_grad=dict(max_norm=1.0, norm_type=2))
+# AdamW as in the 3x schedule, at a from-scratch learning rate
+optim_wrapper = dict(optimizer=dict(lr=3e-4))
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=20),

@@ -17,8 +17,11 @@ from ..errors import ConfigError, TokenPruneError
 from .datasets import check_coco_file
 
 
-def load_config(path: str, cfg_options: dict | None = None) -> Config:
-    """Read a config file and apply ``--cfg-options``; a missing or broken file is a :class:`ConfigError`."""
+def load_config(
+    path: str, cfg_options: dict | None = None, launcher: str = "none", work_dir: str | None = None
+) -> Config:
+    """Read a config file, apply ``--cfg-options``, ``--launcher`` and ``--work-dir`` (default
+    ``./work_dirs/<config name>``); a missing or broken file is a :class:`ConfigError`."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -27,6 +30,11 @@ def load_config(path: str, cfg_options: dict | None = None) -> Config:
         raise ConfigError(f"config {path} could not be read: {type(e).__name__}: {e}") from e
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = os.path.join("./work_dirs", os.path.splitext(os.path.basename(path))[0])
     return cfg
 
 
