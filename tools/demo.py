@@ -67,12 +67,14 @@ def main() -> None:
     rows = [dense, svit]
     (work_dir / "summary.json").write_text(json.dumps(rows, indent=2))
     print("\nEmbedded shapes data, val split (100 images), CPU:")
-    print(f"{'model':8} {'box mAP':>8} {'mask mAP':>9} {'test img/s':>11} {'train s':>8}")
+    print(f"{'model':8} {'box mAP':>8} {'mask mAP':>9} {'keep rate':>10} {'test img/s':>11} {'train s':>8}")
     for r in rows:
         print(
-            f"{r['model']:8} {r['box_mAP']:8.3f} {r['mask_mAP']:9.3f} {r['test_images_per_s']:11.2f} "
-            f"{r['train_seconds_this_run']:8.0f}"
+            f"{r['model']:8} {r['box_mAP']:8.3f} {r['mask_mAP']:9.3f} {r['keep_rate']:10.3f} "
+            f"{r['test_images_per_s']:11.2f} {r['train_seconds_this_run']:8.0f}"
         )
+    print("SViT keep rate per gated block (val, deterministic inference):")
+    print("  " + "  ".join(f"{k}: {v:.3f}" for k, v in svit["keep_rate_per_block"].items()))
     print(f"written: {work_dir / 'summary.json'}")
 
 
