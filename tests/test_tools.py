@@ -107,11 +107,16 @@ def test_svit_fine_tune_from_dense_then_test_reports_keep_rates(tmp_path):
         base=ROOT / "configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py",
         extra=(
             f"load_from = '{tmp_path}/dense/iter_2.pth'\n"
-            "model = dict(backbone=dict(reducer=dict(gated_blocks=[2, 3], keep_targets=[0.7, 0.49])))"
+            "model = dict(backbone=dict(reducer=dict(gated_blocks=[2, 3], keep_targets=[0.7, 0.49])))\n"
+            "custom_hooks = [dict(type='TokenStatsHook'), dict(type='SViTCalibrationHook', num_batches=3)]"
         ),
     )
     log = train(svit_cfg, svit_dir / "work").stdout
     assert "Load checkpoint from" in log and "loss_svit_ratio" in log and "keep_rate.block3" in log
+    assert "SViT thresholds calibrated on 3 training batches" in log
+    state = torch.load(svit_dir / "work/iter_4.pth", map_location="cpu", weights_only=True)["state_dict"]
+    assert state["backbone.reducer.calibration_steps"].tolist() == [3, 3]
+    assert (state["backbone.reducer.thresholds"] > 0).all()
     out = tmp_path / "svit_metrics.json"
     run(
         sys.executable,

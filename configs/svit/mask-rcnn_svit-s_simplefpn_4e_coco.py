@@ -26,4 +26,4 @@ param_scheduler = [
     dict(type='MultiStepLR', begin=0, end=4, by_epoch=True, milestones=[3], gamma=0.1),
 ]
 optim_wrapper = dict(optimizer=dict(lr=1e-5, weight_decay=1e-6))
-custom_hooks = [dict(type='TokenStatsHook')]
+custom_hooks = [dict(type='TokenStatsHook'), dict(type='SViTCalibrationHook', num_batches=50)]

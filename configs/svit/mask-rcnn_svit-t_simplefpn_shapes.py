@@ -25,4 +25,4 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', by_epoch=False, begin=20, end=max_iters, eta_min=1e-6),
 ]
 optim_wrapper = dict(optimizer=dict(lr=1e-4, weight_decay=1e-6))
-custom_hooks = [dict(type='TokenStatsHook')]
+custom_hooks = [dict(type='TokenStatsHook'), dict(type='SViTCalibrationHook', num_batches=50)]

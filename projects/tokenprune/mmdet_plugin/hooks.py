@@ -1,4 +1,5 @@
-"""Keep-rate statistics of a token-reducing backbone over validation and test runs."""
+"""Hooks for token-reducing backbones: keep-rate statistics over val/test, and the calibration of SViT's
+inference thresholds at the end of training."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 PER_IMAGE = "keep_rate_per_image.block"
+
+
+def unwrap(model):
+    return model.module if is_model_wrapper(model) else model
 
 
 @HOOKS.register_module()
@@ -34,8 +39,7 @@ class TokenStatsHook(Hook):
         self.rates = defaultdict(list)
 
     def _collect(self, runner) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        for key, value in getattr(model.backbone, "last_stats", {}).items():
+        for key, value in getattr(unwrap(runner.model).backbone, "last_stats", {}).items():
             if key.startswith(PER_IMAGE):
                 self.rates[int(key[len(PER_IMAGE) :])].extend(value.float().cpu().tolist())
 
@@ -73,3 +77,50 @@ class TokenStatsHook(Hook):
 
     def after_test_epoch(self, runner, metrics=None) -> None:
         self._summarise(runner, metrics, "test")
+
+
+@HOOKS.register_module()
+class SViTCalibrationHook(Hook):
+    """Calibrates SViT's per-block inference thresholds on training images after the last training iteration,
+    before the last checkpoint is saved.
+
+    During training the thresholds follow an EMA over recent batches while the gates still change; this pass
+    recomputes them with the final gates, in inference mode (each block's threshold applied as it will be at
+    test time), as the equal-weight mean over ``num_batches`` training batches of the per-batch threshold
+    that keeps exactly the target fraction.
+
+    Args:
+        num_batches: Training batches to calibrate on.
+    """
+
+    priority = "VERY_HIGH"  # before CheckpointHook writes the last checkpoint
+
+    def __init__(self, num_batches: int = 50) -> None:
+        if num_batches < 1:
+            raise ValueError(f"SViTCalibrationHook num_batches must be >= 1, got {num_batches}")
+        self.num_batches = num_batches
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if self.is_last_train_iter(runner):
+            self.calibrate(runner)
+
+    @torch.no_grad()
+    def calibrate(self, runner) -> None:
+        model = unwrap(runner.model)
+        reducer = getattr(model.backbone, "reducer", None)
+        if reducer is None or not hasattr(reducer, "reset_thresholds"):
+            return
+        momentum = reducer.threshold_momentum
+        model.eval()
+        reducer.reset_thresholds()
+        reducer.threshold_momentum = 0.0  # every batch weighs 1 / (number of batches so far)
+        reducer.calibrating = True
+        try:
+            for _, data in zip(range(self.num_batches), runner.train_dataloader):
+                model.backbone(model.data_preprocessor(data, False)["inputs"])
+        finally:
+            reducer.calibrating = False
+            reducer.threshold_momentum = momentum
+            model.train()
+        thresholds = ", ".join(f"{t:.3f}" for t in reducer.thresholds.tolist())
+        runner.logger.info(f"SViT thresholds calibrated on {self.num_batches} training batches: {thresholds}")
