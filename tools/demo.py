@@ -50,7 +50,10 @@ def train_and_test(name: str, config: str, work_dir: Path, *train_args: str) -> 
         "box_mAP": metrics["coco/bbox_mAP"],
         "mask_mAP": metrics["coco/segm_mAP"],
         "keep_rate": metrics.get("keep_rate/mean", 1.0),
-        "keep_rate_per_block": {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("keep_rate/block")},
+        "keep_rate_per_block": {
+            f"block{b}": metrics[f"keep_rate/block{b}"]
+            for b in sorted(int(k[len("keep_rate/block") :]) for k in metrics if k.startswith("keep_rate/block"))
+        },
         "test_images_per_s": result["images_per_s"],
         "train_seconds_this_run": train_s,
         "checkpoint": str(latest_checkpoint(work_dir)),
