@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import torch
 from mmdet.registry import HOOKS
+from mmengine.dataset import pseudo_collate
 from mmengine.dist import all_gather_object, is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
@@ -89,16 +90,30 @@ class SViTCalibrationHook(Hook):
     test time), as the equal-weight mean over ``num_batches`` training batches of the per-batch threshold
     that keeps exactly the target fraction.
 
+    The images are drawn (seeded) from the training dataset with its training pipeline, not through the
+    training dataloader, whose samplers keep state between iterators.
+
     Args:
         num_batches: Training batches to calibrate on.
+        batch_size: Images per calibration batch.
+        seed: Seed of the choice of images.
     """
 
     priority = "VERY_HIGH"  # before CheckpointHook writes the last checkpoint
 
-    def __init__(self, num_batches: int = 50) -> None:
-        if num_batches < 1:
-            raise ValueError(f"SViTCalibrationHook num_batches must be >= 1, got {num_batches}")
+    def __init__(self, num_batches: int = 50, batch_size: int = 4, seed: int = 0) -> None:
+        if num_batches < 1 or batch_size < 1:
+            raise ValueError(f"SViTCalibrationHook needs num_batches, batch_size >= 1, got {num_batches}, {batch_size}")
         self.num_batches = num_batches
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def batches(self, dataset):
+        """``num_batches`` collated batches of training images, cycling through a seeded permutation."""
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        for b in range(self.num_batches):
+            start = b * self.batch_size
+            yield pseudo_collate([dataset[order[i % len(order)]] for i in range(start, start + self.batch_size)])
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self.is_last_train_iter(runner):
@@ -116,7 +131,7 @@ class SViTCalibrationHook(Hook):
         reducer.threshold_momentum = 0.0  # every batch weighs 1 / (number of batches so far)
         reducer.calibrating = True
         try:
-            for _, data in zip(range(self.num_batches), runner.train_dataloader):
+            for data in self.batches(runner.train_dataloader.dataset):
                 model.backbone(model.data_preprocessor(data, False)["inputs"])
         finally:
             reducer.calibrating = False
