@@ -72,6 +72,25 @@ def bench(dense: ViT, svit: ViT, x: torch.Tensor, runs: int, warmup: int) -> tup
     return statistics.median(times["dense"]), statistics.median(times["svit"]), keep
 
 
+@torch.inference_mode()
+def gate_seconds(svit: ViT, x: torch.Tensor, runs: int, warmup: int) -> float:
+    """Median seconds of all SViT gates over the full token set of ``x``'s embedding (an upper bound of the
+    gates' share: in the model, pruned-token rows are not cheaper for the gates either)."""
+    tokens, _ = svit.embed(x)
+    times = []
+    for i in range(warmup + runs):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for gate in svit.reducer.gates:
+            gate(tokens)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -82,11 +101,18 @@ def main() -> None:
         f"device {args.device}, {torch.get_num_threads()} threads, SViT inference={args.inference!r}, "
         f"median of {args.runs} after {args.warmup} warm-ups"
     )
-    print(f"{'batch':>5} {'dense ms':>10} {'svit ms':>10} {'speed-up':>9} {'keep rate':>10}")
+    print(
+        f"{'batch':>5} {'dense ms':>10} {'svit ms':>10} {'speed-up':>9} {'keep rate':>10} {'gates ms':>9} "
+        f"{'of dense':>8} {'of svit':>8}"
+    )
     for batch in args.batch:
         x = torch.randn(batch, 3, *hw, device=args.device)
         t_dense, t_svit, keep = bench(dense, svit, x, args.runs, args.warmup)
-        print(f"{batch:>5} {t_dense * 1e3:>10.1f} {t_svit * 1e3:>10.1f} {t_dense / t_svit:>8.2f}x {keep:>10.3f}")
+        t_gates = gate_seconds(svit, x, args.runs, args.warmup)
+        print(
+            f"{batch:>5} {t_dense * 1e3:>10.1f} {t_svit * 1e3:>10.1f} {t_dense / t_svit:>8.2f}x {keep:>10.3f} "
+            f"{t_gates * 1e3:>9.1f} {t_gates / t_dense:>8.1%} {t_gates / t_svit:>8.1%}"
+        )
 
 
 if __name__ == "__main__":
