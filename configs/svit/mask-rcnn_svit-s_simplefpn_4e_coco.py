@@ -4,21 +4,14 @@
 #   tools/dist_train.sh configs/dense/mask-rcnn_deit-s_simplefpn_3x_coco.py 8
 #   tools/dist_train.sh configs/svit/mask-rcnn_svit-s_simplefpn_4e_coco.py 8
 # Set load_from below (or --cfg-options load_from=...) to the dense checkpoint.
-_base_ = '../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py'
+_base_ = ['../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py', '../_base_/models/svit.py']
 
 load_from = 'work_dirs/mask-rcnn_deit-s_simplefpn_3x_coco/epoch_36.pth'
 model = dict(
     type='TokenPruneMaskRCNN',
     backbone=dict(
         init_cfg=None,  # all weights come from load_from
-        reducer=dict(
-            type='SViT',
-            gated_blocks=[3, 4, 5, 6, 7, 8, 9, 10, 11],
-            keep_targets=[0.7, 0.7, 0.7, 0.49, 0.49, 0.49, 0.343, 0.343, 0.343],
-            ratio_loss_weight=4.0,
-            ratio_loss='batch',
-            reactivation=True,
-            inference='threshold')))
+        reducer={{_base_.svit_reducer}}))
 
 train_cfg = dict(max_epochs=4)
 param_scheduler = [
@@ -26,4 +19,4 @@ param_scheduler = [
     dict(type='MultiStepLR', begin=0, end=4, by_epoch=True, milestones=[3], gamma=0.1),
 ]
 optim_wrapper = dict(optimizer=dict(lr=1e-5, weight_decay=1e-6))
-custom_hooks = [dict(type='TokenStatsHook'), dict(type='SViTCalibrationHook', num_batches=50)]
+custom_hooks = {{_base_.svit_hooks}}

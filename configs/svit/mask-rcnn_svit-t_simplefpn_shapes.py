@@ -3,21 +3,14 @@
 # deterministic inference. Starts from the dense checkpoint (train it first, or let tools/demo.py do both):
 #   python tools/train.py configs/dense/mask-rcnn_vit-t_simplefpn_shapes.py --work-dir work_dirs/demo/dense
 #   python tools/train.py configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py --work-dir work_dirs/demo/svit
-_base_ = '../dense/mask-rcnn_vit-t_simplefpn_shapes.py'
+_base_ = ['../dense/mask-rcnn_vit-t_simplefpn_shapes.py', '../_base_/models/svit.py']
 
 load_from = '{{ fileDirname }}/../../work_dirs/demo/dense/iter_400.pth'
 max_iters = 150
 model = dict(
     type='TokenPruneMaskRCNN',
     backbone=dict(
-        reducer=dict(
-            type='SViT',
-            gated_blocks=[3, 4, 5, 6, 7, 8, 9, 10, 11],
-            keep_targets=[0.7, 0.7, 0.7, 0.49, 0.49, 0.49, 0.343, 0.343, 0.343],
-            ratio_loss_weight=4.0,
-            ratio_loss='batch',
-            reactivation=True,
-            inference='threshold')))
+        reducer={{_base_.svit_reducer}}))
 
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 param_scheduler = [
@@ -25,4 +18,4 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', by_epoch=False, begin=20, end=max_iters, eta_min=1e-6),
 ]
 optim_wrapper = dict(optimizer=dict(lr=1e-4, weight_decay=1e-6))
-custom_hooks = [dict(type='TokenStatsHook'), dict(type='SViTCalibrationHook', num_batches=50)]
+custom_hooks = {{_base_.svit_hooks}}
