@@ -88,16 +88,20 @@ def test_keep_all_matches_dense(cls_token, training):
     assert all(v.item() == 1.0 for k, v in model.last_stats.items() if k.startswith("keep_rate."))
 
 
+@torch.no_grad()
+def assert_batch_equals_singles(model: ViT, x: torch.Tensor) -> None:
+    """The batch's output equals running its images one at a time (the batch runs first)."""
+    batched = model(x)
+    singles = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    assert (batched - singles).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("inference", ["threshold", "fixed"])
 def test_batch_equals_one_at_a_time_eval(inference):
     model = make_model(inference=inference)
     calibrate(model)
     states = capture_states(model)
-    x = images(3)
-    with torch.no_grad():
-        batched = model(x)
-        singles = torch.cat([model(x[i : i + 1]) for i in range(3)])
-    assert (batched - singles).abs().max().item() < 1e-5
+    assert_batch_equals_singles(model, images(3))
     counts = torch.stack([m.sum(1) for m in states[0].keep_masks.values()])  # (blocks, images)
     assert (counts < N).any(1).all()  # every gated block gathered
     if inference == "threshold":  # images kept different numbers of tokens: padding was exercised
@@ -109,11 +113,7 @@ def test_batch_equals_one_at_a_time_train():
     noise_free(model)
     model.train()
     states = capture_states(model)
-    x = images(3)
-    with torch.no_grad():
-        batched = model(x)
-        singles = torch.cat([model(x[i : i + 1]) for i in range(3)])
-    assert (batched - singles).abs().max().item() < 1e-5
+    assert_batch_equals_singles(model, images(3))
     kept = torch.stack([m.float().mean() for m in states[0].keep_masks.values()])
     assert ((kept > 0) & (kept < 1)).any()  # the gates pruned some tokens, not all
 

@@ -32,11 +32,12 @@ def train_and_test(name: str, config: str, work_dir: Path, *train_args: str) -> 
     start = time.perf_counter()
     run("tools/train.py", config, "--work-dir", str(work_dir), "--resume", *train_args)
     train_s = time.perf_counter() - start
+    checkpoint = str(latest_checkpoint(work_dir))
     metrics_file = work_dir / "metrics.json"
     run(
         "tools/test.py",
         config,
-        str(latest_checkpoint(work_dir)),
+        checkpoint,
         "--work-dir",
         str(work_dir / "test"),
         "--metrics-out",
@@ -56,7 +57,7 @@ def train_and_test(name: str, config: str, work_dir: Path, *train_args: str) -> 
         },
         "test_images_per_s": result["images_per_s"],
         "train_seconds_this_run": train_s,
-        "checkpoint": str(latest_checkpoint(work_dir)),
+        "checkpoint": checkpoint,
     }
 
 

@@ -34,10 +34,10 @@ class TokenStatsHook(Hook):
     """
 
     def __init__(self) -> None:
-        self.rates: dict[int, list[float]] = defaultdict(list)
+        self._reset()
 
     def _reset(self) -> None:
-        self.rates = defaultdict(list)
+        self.rates: dict[int, list[float]] = defaultdict(list)
 
     def _collect(self, runner) -> None:
         for key, value in getattr(unwrap(runner.model).backbone, "last_stats", {}).items():
