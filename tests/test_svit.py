@@ -319,3 +319,46 @@ def test_invalid_arguments():
         make_model(gated_blocks=(3, 6), keep_targets=(0.5, 0.5))
     with pytest.raises(ValueError, match="embed_dim"):
         ViT(embed_dim=DIM, depth=DEPTH, num_heads=HEADS, reducer=SViTReducer(96))
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_token_counts_and_maps_follow_the_kept_tokens(cls_token):
+    model = make_model(cls_token=cls_token, inference="fixed").eval()
+    model.record_tokens = True
+    with torch.no_grad():
+        model(images(2))
+    P = int(cls_token)
+    counts, maps = model.last_token_counts, model.last_token_maps
+    assert counts.shape == (DEPTH, 2)
+    for block in range(DEPTH):
+        if block in GATED:
+            want = math.ceil(TARGETS[GATED.index(block)] * N) + P
+            assert counts[block].tolist() == [want, want]
+            kept = maps[block] >= 0
+            assert kept.sum(dim=1).tolist() == [want - P] * 2
+            ids = torch.arange(N).expand(2, -1)
+            assert torch.equal(maps[block][kept], ids[kept])  # kept tokens carry their own index
+        else:
+            assert counts[block].tolist() == [N + P] * 2
+            assert block not in maps
+    gate_macs = len(GATED) * N * (DIM * (DIM // 4) + (DIM // 4) * 2)
+    assert model.last_extra_macs == gate_macs
+    model.train()
+    model(images(2))  # training masks instead of gathering: every block runs every token
+    assert torch.equal(model.last_token_counts, torch.full((DEPTH, 2), float(N + P)))
+
+
+def test_attention_trace_matches_the_block():
+    from tokenprune.models.reducers.common import attention_trace
+
+    model = make_model().eval()
+    block = model.blocks[1]
+    x = torch.randn(2, N + 1, DIM)
+    mask = torch.rand(2, 1, 1, N + 1) > 0.3
+    mask[..., 0] = True
+    for m in (None, mask, torch.log(torch.rand(2, 1, 1, N + 1) + 0.5)):
+        trace = attention_trace(block, x, m)
+        torch.testing.assert_close(trace.out, block(x, m), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(trace.attn.sum(-1), torch.ones(2, HEADS, N + 1))
+        if m is not None and m.dtype == torch.bool:
+            assert (trace.attn.masked_select(~m.expand_as(trace.attn)) == 0).all()

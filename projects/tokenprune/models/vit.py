@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from .reducers.base import TokenReducer
+from .reducers.base import TokenReducer, dense_token_counts
 
 
 class Attention(nn.Module):
@@ -131,6 +131,10 @@ class ViT(nn.Module):
         attn_drop_rate: Dropout on attention weights.
         reducer: Token-reduction method driving the blocks (see :class:`TokenReducer`); None runs every block
             densely. After each forward its losses and stats are in ``last_aux_losses`` and ``last_stats``.
+
+    Setting ``record_tokens = True`` (analysis tools do) also keeps, after each forward, ``last_token_counts``
+    ((depth, B) tokens each block ran, see :meth:`TokenReducer.token_counts`), ``last_extra_macs`` (the
+    reducer's own multiply-accumulates per image) and ``last_token_maps`` (:meth:`TokenReducer.token_maps`).
     """
 
     def __init__(
@@ -175,6 +179,10 @@ class ViT(nn.Module):
         self.reset_parameters()
         self.last_aux_losses: dict[str, Tensor] = {}
         self.last_stats: dict[str, float | Tensor] = {}
+        self.record_tokens = False
+        self.last_token_counts: Tensor | None = None
+        self.last_extra_macs: Tensor | float = 0.0
+        self.last_token_maps: dict[int, Tensor] = {}
         # set after reset_parameters so the reducer keeps its own initialisation
         self.set_reducer(reducer)
 
@@ -225,6 +233,9 @@ class ViT(nn.Module):
         if self.reducer is None:
             for blk in self.blocks:
                 x = blk(x)
+            if self.record_tokens:
+                self.last_token_counts = dense_token_counts(self.depth, x.shape[0], x.shape[1], x.device)
+                self.last_extra_macs, self.last_token_maps = 0.0, {}
             return self.norm(x), hw
         x, state = self.reducer.begin(x, hw, self.num_prefix_tokens)
         for i, blk in enumerate(self.blocks):
@@ -232,6 +243,10 @@ class ViT(nn.Module):
         x = self.reducer.finish(x, state)
         self.last_aux_losses = self.reducer.aux_losses(state)
         self.last_stats = self.reducer.stats(state)
+        if self.record_tokens:
+            self.last_token_counts = self.reducer.token_counts(state, self.depth)
+            self.last_extra_macs = self.reducer.extra_macs(state)
+            self.last_token_maps = self.reducer.token_maps(state)
         return self.norm(x), hw
 
     def tokens_to_map(self, x: Tensor, hw: tuple[int, int]) -> Tensor:

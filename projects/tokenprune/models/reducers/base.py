@@ -8,8 +8,8 @@ Every method (SViT, PPT, ToMe, EViT, ...) is one :class:`TokenReducer` subclass 
         x = reducer.run_block(index, block, x, state)    # the reducer decides how each block runs
     x = reducer.finish(x, state)                          # complete (B, N, C) token set again
 
-and afterwards keeps ``reducer.aux_losses(state)`` and ``reducer.stats(state)`` for a detector wrapper and
-loggers. ``state`` is a per-forward object the reducer defines; the reducer module itself holds only
+and afterwards keeps ``reducer.aux_losses(state)``, ``reducer.stats(state)``, ``reducer.token_counts(state)``
+(FLOP counting) and ``reducer.token_maps(state)`` (visualisation) for the detector wrapper, loggers and tools. ``state`` is a per-forward object the reducer defines; the reducer module itself holds only
 parameters and buffers, so one reducer serves any batch and image size.
 
 Dense-safe (METHODS.md section 6): whatever a reducer prunes, pauses or merges, :meth:`TokenReducer.finish`
@@ -22,7 +22,10 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+
+PRUNED = -1  # token_maps value of a position no block input carried
 
 
 class TokenReducer(nn.Module, metaclass=abc.ABCMeta):
@@ -68,3 +71,35 @@ class TokenReducer(nn.Module, metaclass=abc.ABCMeta):
     def stats(self, state: Any) -> dict[str, float | Tensor]:
         """Detached numbers for logging (e.g. realised keep rate per block). Default: none."""
         return {}
+
+    @abc.abstractmethod
+    def token_counts(self, state: Any, depth: int) -> Tensor:
+        """Realised work of this forward: (depth, B) float, the number of tokens (prefix included) each image
+        fed to each block as queries; attention is counted as these tokens attending to as many keys.
+
+        It counts what the method needs, not padding: a padded batch costs at least the largest count. FLOP
+        counters (:mod:`tokenprune.models.flops`) use it, so a reducer must report what really ran in the
+        current mode (e.g. all N tokens in a training forward that only masks, the kept ones at inference).
+        """
+
+    def extra_macs(self, state: Any) -> Tensor | float:
+        """Multiply-accumulates per image of the method's own computation (gates, scores, matching), (B,)
+        or a scalar. Default: 0."""
+        return 0.0
+
+    def token_maps(self, state: Any) -> dict[int, Tensor]:
+        """What each reducing block did to each patch position, for visualisation and statistics.
+
+        Returns:
+            Block index -> (B, h*w) long tensor over the patch grid (row-major, prefix excluded): ``PRUNED``
+            (-1) where that block's input did not carry the position (pruned, paused or dropped: it kept an
+            old value), otherwise the id of the token that carried it; positions merged into one token share
+            its id, a position run on its own has its own index as id. Blocks the reducer left alone may be
+            omitted. Default: none.
+        """
+        return {}
+
+
+def dense_token_counts(depth: int, batch: int, num_tokens: int, device: torch.device | None = None) -> Tensor:
+    """(depth, B) token counts of a dense forward: every block sees all ``num_tokens`` tokens."""
+    return torch.full((depth, batch), float(num_tokens), device=device)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import TokenReducer
+from .base import PRUNED, TokenReducer, dense_token_counts
 
 KEEP = 0  # the gate's class index of "keep"
 
@@ -113,10 +113,15 @@ class SViTState:
         keep_fractions: Gated block index -> (B,) kept fraction of each image's patch tokens (with gradients
             in training).
         keep_masks: Gated block index -> (B, h*w) bool decision, detached.
+        batch: Images B.
+        gathered: Whether gated blocks ran on the kept tokens only (inference) rather than on all tokens with
+            the pruned ones masked as keys (training).
     """
 
     num_prefix: int
     hw: tuple[int, int]
+    batch: int
+    gathered: bool
     keep: Tensor | None = None
     keep_fractions: dict[int, Tensor] = field(default_factory=dict)
     keep_masks: dict[int, Tensor] = field(default_factory=dict)
@@ -214,7 +219,7 @@ class SViTReducer(TokenReducer):
     # the three calls of the backbone
 
     def begin(self, x: Tensor, hw: tuple[int, int], num_prefix: int) -> tuple[Tensor, SViTState]:
-        return x, SViTState(num_prefix=num_prefix, hw=tuple(hw))
+        return x, SViTState(num_prefix=num_prefix, hw=tuple(hw), batch=x.shape[0], gathered=not self.training)
 
     def run_block(self, index: int, block: nn.Module, x: Tensor, state: SViTState) -> Tensor:
         g = self.gate_index.get(index)
@@ -243,6 +248,29 @@ class SViTReducer(TokenReducer):
             out[f"keep_rate_per_image.block{block}"] = fractions.detach()
         if state.keep_fractions:
             out["keep_rate.mean"] = torch.stack([f.detach().mean() for f in state.keep_fractions.values()]).mean()
+        return out
+
+    def token_counts(self, state: SViTState, depth: int) -> Tensor:
+        """All tokens at ungated blocks and in training (masking runs every token); prefix + kept at gated
+        blocks at inference."""
+        n = state.num_prefix + state.hw[0] * state.hw[1]
+        counts = dense_token_counts(depth, state.batch, n, device=self.thresholds.device)
+        if state.gathered:
+            for block, keep in state.keep_masks.items():
+                counts[block] = state.num_prefix + keep.sum(dim=1).float()
+        return counts
+
+    def extra_macs(self, state: SViTState) -> float:
+        """The gates: Linear(C, C/4) and Linear(C/4, 2) over every patch token, at every gated block."""
+        c = self.embed_dim
+        return float(len(state.keep_masks) * state.hw[0] * state.hw[1] * (c * (c // 4) + (c // 4) * 2))
+
+    def token_maps(self, state: SViTState) -> dict[int, Tensor]:
+        """Kept positions carry their own index, pruned ones ``PRUNED``."""
+        out = {}
+        for block, keep in state.keep_masks.items():
+            ids = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+            out[block] = torch.where(keep, ids, torch.full_like(ids, PRUNED))
         return out
 
     # gated blocks
