@@ -9,8 +9,9 @@ Every method (SViT, PPT, ToMe, EViT, ...) is one :class:`TokenReducer` subclass 
     x = reducer.finish(x, state)                          # complete (B, N, C) token set again
 
 and afterwards keeps ``reducer.aux_losses(state)``, ``reducer.stats(state)``, ``reducer.token_counts(state)``
-(FLOP counting) and ``reducer.token_maps(state)`` (visualisation) for the detector wrapper, loggers and tools. ``state`` is a per-forward object the reducer defines; the reducer module itself holds only
-parameters and buffers, so one reducer serves any batch and image size.
+(FLOP counting) and ``reducer.token_maps(state)`` (visualisation) for the detector wrapper, loggers and tools.
+``state`` is a per-forward object the reducer defines; the reducer module itself holds only parameters and
+buffers, so one reducer serves any batch and image size.
 
 Dense-safe (METHODS.md section 6): whatever a reducer prunes, pauses or merges, :meth:`TokenReducer.finish`
 returns every token position: pruned or paused tokens keep their last value, merged tokens are copied back to
