@@ -1,5 +1,5 @@
-"""Hooks for token-reducing backbones: keep-rate statistics over val/test, and the calibration of SViT's
-inference thresholds at the end of training."""
+"""Hooks for token-reducing backbones: keep rates logged in training and summarised over val/test, and the
+calibration of SViT's inference thresholds at the end of training."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from mmengine.dist import all_gather_object, is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
+from ..analysis import keep_rates
+
 PER_IMAGE = "keep_rate_per_image.block"
 
 
@@ -23,14 +25,28 @@ def unwrap(model):
 
 @HOOKS.register_module()
 class TokenStatsHook(Hook):
-    """Collects the backbone's per-image keep rate at every gated block during val/test and adds a summary to
-    the epoch's metrics (so it is logged and returned by ``runner.test()``):
+    """Per-block keep rates of a token-reducing backbone, to the log and the visualizer backends.
+
+    Training, every logger interval: ``keep_rate.block{i}`` (mean over the batch) and ``keep_rate.mean``.
+    :class:`TokenPruneMaskRCNN` already puts these into its loss dict, from which mmengine's ``LoggerHook``
+    logs them (smoothed over its window) and hands them to ``runner.visualizer.add_scalars``; the hook then
+    adds nothing, so nothing is logged twice. For a detector whose loss dict lacks them, the hook puts them
+    into the message hub under the same names, and ``LoggerHook`` logs them the same way.
+
+    Val/test: collects the per-image keep rate at every reducing block and adds to the epoch's metrics (so
+    they are logged, sent to the visualizer backends and returned by ``runner.val()`` / ``runner.test()``):
 
     - ``keep_rate/block{i}``: mean over images of the realised keep rate at block i,
     - ``keep_rate_std/block{i}``: its spread over images,
     - ``keep_rate/mean``: mean over blocks and images.
 
+    mmengine's ``RuntimeInfoHook`` copies the metrics into the message hub before this hook sees them, so the
+    hook also writes these into the message hub itself; otherwise ``LoggerHook`` would not see them.
     The per-image rates are written to ``<work_dir>/token_stats_{val,test}.json``.
+
+    Keep rates are the reducer's ``keep_rate_per_image.block{i}`` stats where it reports them, else computed
+    from its token maps (:func:`tokenprune.analysis.keep_rates`: tokens run / positions), so every reducer is
+    covered; for the latter the hook switches on the backbone's ``record_tokens``.
     """
 
     def __init__(self) -> None:
@@ -39,10 +55,38 @@ class TokenStatsHook(Hook):
     def _reset(self) -> None:
         self.rates: dict[int, list[float]] = defaultdict(list)
 
+    @staticmethod
+    def _per_image_rates(backbone) -> dict[int, torch.Tensor]:
+        """Block -> (B,) keep rate of each image in the backbone's last forward."""
+        stats = getattr(backbone, "last_stats", {})
+        rates = {int(k[len(PER_IMAGE) :]): v for k, v in stats.items() if k.startswith(PER_IMAGE)}
+        if rates:
+            return rates
+        return keep_rates(getattr(backbone, "last_token_maps", {}) or {})
+
+    @staticmethod
+    def _record_tokens(runner) -> None:
+        """Token maps are the fallback source of keep rates: make the backbone keep them."""
+        backbone = getattr(unwrap(runner.model), "backbone", None)
+        if getattr(backbone, "reducer", None) is not None and hasattr(backbone, "record_tokens"):
+            backbone.record_tokens = True
+
+    def before_train(self, runner) -> None:
+        self._record_tokens(runner)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        logged = outputs if isinstance(outputs, dict) else {}
+        rates = self._per_image_rates(getattr(unwrap(runner.model), "backbone", None))
+        if not rates or any(f"keep_rate.block{b}" in logged for b in rates):
+            return
+        means = {b: r.float().mean() for b, r in rates.items()}
+        for block, mean in means.items():
+            runner.message_hub.update_scalar(f"train/keep_rate.block{block}", mean.item())
+        runner.message_hub.update_scalar("train/keep_rate.mean", torch.stack(list(means.values())).mean().item())
+
     def _collect(self, runner) -> None:
-        for key, value in getattr(unwrap(runner.model).backbone, "last_stats", {}).items():
-            if key.startswith(PER_IMAGE):
-                self.rates[int(key[len(PER_IMAGE) :])].extend(value.float().cpu().tolist())
+        for block, values in self._per_image_rates(getattr(unwrap(runner.model), "backbone", None)).items():
+            self.rates[block].extend(values.float().cpu().tolist())
 
     def _summarise(self, runner, metrics: dict | None, mode: str) -> None:
         gathered = all_gather_object(dict(self.rates))
@@ -52,20 +96,26 @@ class TokenStatsHook(Hook):
                 rates[block].extend(values)
         if not rates or metrics is None:
             return
+        summary = {}
         for block in sorted(rates):
             values = torch.tensor(rates[block])
-            metrics[f"keep_rate/block{block}"] = values.mean().item()
-            metrics[f"keep_rate_std/block{block}"] = values.std(unbiased=False).item()
-        metrics["keep_rate/mean"] = torch.tensor([v for b in rates for v in rates[b]]).mean().item()
+            summary[f"keep_rate/block{block}"] = values.mean().item()
+            summary[f"keep_rate_std/block{block}"] = values.std(unbiased=False).item()
+        summary["keep_rate/mean"] = torch.tensor([v for b in rates for v in rates[b]]).mean().item()
+        metrics.update(summary)
+        for key, value in summary.items():
+            runner.message_hub.update_scalar(f"{mode}/{key}", value)
         if is_main_process():
             with open(osp.join(runner.work_dir, f"token_stats_{mode}.json"), "w") as f:
                 json.dump({f"block{b}": rates[b] for b in sorted(rates)}, f)
 
     def before_val_epoch(self, runner) -> None:
         self._reset()
+        self._record_tokens(runner)
 
     def before_test_epoch(self, runner) -> None:
         self._reset()
+        self._record_tokens(runner)
 
     def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         self._collect(runner)
