@@ -2,7 +2,8 @@
 checks, CPU distributed launch (gloo), and ``--metrics-out`` to keep the metrics and throughput as JSON.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out preds.pkl] [--show-dir DIR]
-                         [--metrics-out metrics.json] [--cfg-options k=v ...] [--launcher ...]
+                         [--metrics-out metrics.json] [--trust-checkpoint] [--cfg-options k=v ...]
+                         [--launcher ...]
 """
 
 import argparse
@@ -22,6 +23,7 @@ from mmengine.runner import Runner
 import tokenprune  # noqa: F401  (registers models, datasets and the checkpoint allow-list)
 from tokenprune.errors import ConfigError
 from tokenprune.mmdet_plugin.cli import check_config, load_config, report_errors, setup_cpu_distributed
+from tokenprune.mmdet_plugin.safe_load import trust_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,6 +36,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--show-dir", help="save images with predictions drawn into this folder (in work-dir)")
     parser.add_argument("--wait-time", type=float, default=2, help="the interval of show (s)")
     parser.add_argument("--metrics-out", help="write the metrics, image count and images/s to this JSON file")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load CHECKPOINT with full unpickling, which can run code stored in the file: only for legacy files "
+        "whose origin you trust (default: tensors and mmengine's log buffers only)",
+    )
     parser.add_argument(
         "--cfg-options", nargs="+", action=DictAction, help="override config settings, e.g. model.test_cfg.x=1"
     )
@@ -52,6 +60,8 @@ def main() -> None:
     if not osp.isfile(args.checkpoint):
         raise ConfigError(f"checkpoint not found: {args.checkpoint}")
     cfg.load_from = args.checkpoint
+    if args.trust_checkpoint:
+        trust_checkpoint(args.checkpoint)
     if args.show or args.show_dir:
         from mmdet.engine.hooks.utils import trigger_visualization_hook
 

@@ -2,7 +2,10 @@
 CPU distributed launch (gloo).
 
     python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CKPT]] [--cfg-options k=v ...]
-                          [--launcher {none,pytorch,slurm,mpi}]
+                          [--trust-checkpoint] [--launcher {none,pytorch,slurm,mpi}]
+
+Training stops with one message if the loss becomes NaN or inf, and checkpoints carry the random state, so
+``--resume`` continues exactly where an interrupted run stopped (see docs/reliability.md).
 """
 
 import argparse
@@ -15,11 +18,19 @@ sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "pr
 from mmengine.config import DictAction
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
-from mmengine.runner import Runner, find_latest_checkpoint
+from mmengine.runner import Runner
 
 import tokenprune  # noqa: F401  (registers models, datasets and the checkpoint allow-list)
 from tokenprune.errors import ConfigError
-from tokenprune.mmdet_plugin.cli import check_config, load_config, report_errors, setup_cpu_distributed
+from tokenprune.mmdet_plugin.cli import (
+    add_reliability_hooks,
+    check_config,
+    latest_checkpoint,
+    load_config,
+    report_errors,
+    setup_cpu_distributed,
+)
+from tokenprune.mmdet_plugin.safe_load import trust_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,6 +46,12 @@ def parse_args() -> argparse.Namespace:
         const="auto",
         help="resume from this checkpoint; without a path, from the latest checkpoint in the work dir (if none "
         "is there yet, start as the config says)",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load the checkpoint of --resume / load_from with full unpickling, which can run code stored in the "
+        "file: only for legacy files whose origin you trust (default: tensors and mmengine's log buffers only)",
     )
     parser.add_argument(
         "--cfg-options", nargs="+", action=DictAction, help="override config settings, e.g. train_cfg.max_iters=10"
@@ -63,7 +80,7 @@ def main() -> None:
         cfg.auto_scale_lr.enable = True
     if args.resume == "auto":
         # the latest checkpoint in the work dir; if there is none, start as configured (load_from included)
-        latest = find_latest_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+        latest = latest_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
         if latest is not None:
             cfg.resume = True
             cfg.load_from = latest
@@ -72,6 +89,9 @@ def main() -> None:
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
+    if args.trust_checkpoint and cfg.get("load_from"):
+        trust_checkpoint(cfg.load_from)
+    add_reliability_hooks(cfg)
     check_config(cfg)
     setup_cpu_distributed(cfg)
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)

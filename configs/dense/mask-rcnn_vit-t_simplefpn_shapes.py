@@ -5,7 +5,7 @@ _base_ = [
     '../_base_/models/mask-rcnn_vit_simplefpn.py',
     '../_base_/datasets/shapes_instance.py',
     '../_base_/schedules/adamw_3x.py',
-    'mmdet::_base_/default_runtime.py',
+    '../_base_/default_runtime.py',
 ]
 
 max_iters = 400

@@ -1,5 +1,5 @@
-"""Checkpoints load with torch's weights-only unpickler (torch >= 2.6's default): tensors, plain containers
-and an allow-list of the classes mmengine writes into its checkpoints, nothing else.
+"""Checkpoints load with torch's weights-only unpickler: tensors, plain containers and an allow-list of the
+classes mmengine writes into its checkpoints, nothing else, unless the user explicitly trusts the file.
 
 mmengine 0.10.7 calls ``torch.load`` without ``weights_only``. On torch >= 2.6 that means weights-only
 loading, which refuses mmengine's own checkpoints (its ``HistoryBuffer`` logs and the numpy arrays and scalars
@@ -10,13 +10,39 @@ would let any pickled object run code).
 mmengine also pickles each HistoryBuffer's statistics functions, as ``getattr(HistoryBuffer, 'mean')``;
 allow-listing ``getattr`` would open the door to arbitrary code, so checkpoints written here leave them out
 (``HistoryBuffer.__setstate__`` restores them from the class on load).
+
+On ``import tokenprune``, :func:`allow_mmengine_checkpoints` also replaces mmengine's loader of local files
+(``load_from``, ``--resume``, ``tools/test.py``) by :func:`load_checkpoint_file`, which always passes
+``weights_only`` explicitly (so torch's ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot switch it off) and turns
+a refusal into an :class:`UnsafeCheckpointError` that names the offending objects and the opt-in. The opt-in
+for trusted legacy files (e.g. written by plain mmengine, which pickles ``builtins.getattr``) is explicit and
+off by default: ``--trust-checkpoint`` on ``tools/train.py`` / ``tools/test.py`` (trusts the file given to
+that run), or the environment variable ``TOKENPRUNE_TRUST_CHECKPOINTS=1`` (trusts every checkpoint this
+process loads). The backbone's pretrained weights (``init_cfg``) are always read weights-only.
+A trusted legacy file can be re-saved once into a file that loads safely::
+
+    python tools/model_converters/resave_checkpoint.py legacy.pth safe.pth
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import pickle
+
 import numpy as np
 import torch
-from mmengine.logging import HistoryBuffer
+from mmengine.logging import HistoryBuffer, print_log
+from mmengine.runner.checkpoint import CheckpointLoader
+
+from ..errors import TokenPruneError
+
+TRUST_ENV = "TOKENPRUNE_TRUST_CHECKPOINTS"
+_trusted_paths: set[str] = set()
+
+
+class UnsafeCheckpointError(TokenPruneError, pickle.UnpicklingError):
+    """A checkpoint holds pickled objects outside the allow-list and was not explicitly trusted."""
 
 
 def mmengine_checkpoint_globals() -> list:
@@ -32,8 +58,85 @@ def _history_buffer_state(self: HistoryBuffer) -> dict:
     return state
 
 
+def trust_checkpoint(path: str | os.PathLike) -> None:
+    """Opt in to full unpickling of this one file (it may run code: only for files whose origin you trust)."""
+    _trusted_paths.add(os.path.realpath(path))
+
+
+def is_trusted(path: str | os.PathLike) -> bool:
+    """Whether ``path`` was passed to :func:`trust_checkpoint` or ``TOKENPRUNE_TRUST_CHECKPOINTS=1`` is set."""
+    return os.environ.get(TRUST_ENV) == "1" or os.path.realpath(path) in _trusted_paths
+
+
+def unsafe_globals(path: str | os.PathLike) -> list[str]:
+    """The pickled classes and functions in a checkpoint that the weights-only loader refuses (empty if the
+    file is not in torch's zip format)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (ValueError, RuntimeError, OSError, pickle.UnpicklingError):
+        return []
+
+
+def _refusal_message(path: str, error: Exception) -> str:
+    found = unsafe_globals(path)
+    what = ", ".join(found) if found else str(error).splitlines()[0]
+    hint = ""
+    if found and set(found) <= {"builtins.getattr"}:
+        hint = (
+            " It looks like a checkpoint written by plain mmengine, which pickles its log buffers' statistics "
+            "functions through builtins.getattr."
+        )
+    return (
+        f"refused to load checkpoint {path}: it holds pickled objects that are neither tensors nor the "
+        f"mmengine classes allow-listed in tokenprune.mmdet_plugin.safe_load ({what}); unpickling them could run "
+        f"arbitrary code.{hint} If you trust where the file comes from, load it with --trust-checkpoint "
+        f"(tools/train.py, tools/test.py) or with the environment variable {TRUST_ENV}=1, or re-save it once "
+        "into a file that loads safely: python tools/model_converters/resave_checkpoint.py IN.pth OUT.pth. "
+        "Otherwise do not use it"
+    )
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location=None):
+    """``torch.load`` of a local checkpoint: weights-only unless the file is trusted (:func:`is_trusted`).
+
+    Raises:
+        UnsafeCheckpointError: The file holds other pickled objects and is not trusted.
+    """
+    path = str(path)
+    if is_trusted(path):
+        print_log(
+            f"loading {path} with full unpickling (explicitly trusted): it may run code stored in the file",
+            logger="current",
+            level=logging.WARNING,
+        )
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(_refusal_message(path, e)) from e
+
+
+def _load_from_local(filename: str, map_location=None):
+    """mmengine's loader of local paths, with :func:`load_checkpoint_file` in place of a bare torch.load."""
+    filename = os.path.expanduser(filename)
+    if not os.path.isfile(filename):
+        raise FileNotFoundError(f"{filename} can not be found.")
+    return load_checkpoint_file(filename, map_location)
+
+
 def allow_mmengine_checkpoints() -> None:
-    """Allow-list :func:`mmengine_checkpoint_globals` for ``torch.load(weights_only=True)`` and make
-    HistoryBuffer pickle without functions."""
+    """Allow-list :func:`mmengine_checkpoint_globals` for ``torch.load(weights_only=True)``, make
+    HistoryBuffer pickle without functions, and load mmengine's local checkpoints through
+    :func:`load_checkpoint_file`."""
     torch.serialization.add_safe_globals(mmengine_checkpoint_globals())
     HistoryBuffer.__getstate__ = _history_buffer_state
+    CheckpointLoader.register_scheme(prefixes="", loader=_load_from_local, force=True)
+
+
+def resave_trusted(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Load a trusted legacy checkpoint with full unpickling and save it so that it loads weights-only
+    (mmengine's log buffers are written without functions). Returns what still blocks safe loading of ``dst``
+    (empty when it loads safely)."""
+    ckpt = torch.load(str(src), map_location="cpu", weights_only=False)
+    torch.save(ckpt, str(dst))
+    return unsafe_globals(dst)

@@ -8,9 +8,23 @@ from __future__ import annotations
 
 from ...errors import ConfigError
 from .base import TokenReducer
+from .bat import BATReducer
+from .dynamicvit import DynamicViTReducer
+from .evit import EViTReducer
+from .ppt import PPTReducer
 from .svit import SViTReducer
+from .tome import ToMeReducer
+from .tpc import TPCReducer
 
-REDUCERS: dict[str, type[TokenReducer]] = {"SViT": SViTReducer}
+REDUCERS: dict[str, type[TokenReducer]] = {
+    "SViT": SViTReducer,
+    "EViT": EViTReducer,
+    "DynamicViT": DynamicViTReducer,
+    "TPC": TPCReducer,
+    "ToMe": ToMeReducer,
+    "PPT": PPTReducer,
+    "BAT": BATReducer,
+}
 
 
 def build_reducer(cfg: dict | TokenReducer | None, embed_dim: int) -> TokenReducer | None:
@@ -32,4 +46,15 @@ def build_reducer(cfg: dict | TokenReducer | None, embed_dim: int) -> TokenReduc
         raise ConfigError(f"invalid {name} reducer settings: {e}") from e
 
 
-__all__ = ["REDUCERS", "SViTReducer", "TokenReducer", "build_reducer"]
+__all__ = [
+    "REDUCERS",
+    "BATReducer",
+    "DynamicViTReducer",
+    "EViTReducer",
+    "PPTReducer",
+    "SViTReducer",
+    "TPCReducer",
+    "ToMeReducer",
+    "TokenReducer",
+    "build_reducer",
+]

@@ -1,0 +1,23 @@
+# DynamicViT baseline of SViT's table on ViT-Adapter-S (COCO 2017), the original method: predictors before
+# ViT blocks 3, 6, 9 keep 0.7, 0.49, 0.343 of the tokens, dropped tokens are discarded (zero in the map);
+# ratio loss weight 2, no distillation. DynamicViT shrinks the token set at inference, so it runs per
+# interaction stage (reducer_scope 'auto' -> 'stage'); its ratios are fractions of all tokens, the same at a
+# stage start. Fine-tuned from the dense model with the SViT schedule (4 epochs). Published: did not converge
+# (SViT's paper); the "+ keep" variant is mask-rcnn_dynamicvit-keep-adapter-s_fpn_4e_coco.py.
+_base_ = './mask-rcnn_vit-adapter-s_fpn_3x_coco.py'
+
+load_from = 'work_dirs/mask-rcnn_vit-adapter-s_fpn_3x_coco/epoch_36.pth'
+dynamicvit_reducer = dict(
+    type='DynamicViT', prune_blocks=[3, 6, 9], keep_ratios=[0.7, 0.49, 0.343], ratio_loss_weight=2.0,
+    keep_pruned=False)
+model = dict(
+    type='TokenPruneMaskRCNN',
+    backbone=dict(init_cfg=None, reducer=dynamicvit_reducer))
+
+train_cfg = dict(max_epochs=4)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
+    dict(type='MultiStepLR', begin=0, end=4, by_epoch=True, milestones=[3], gamma=0.1),
+]
+optim_wrapper = dict(optimizer=dict(lr=1e-5, weight_decay=1e-6))
+custom_hooks = [dict(type='TokenStatsHook')]

@@ -1,0 +1,65 @@
+"""MMDetection wrapper of the ViT-Adapter backbone (:class:`tokenprune.models.vit_adapter.ViTAdapter`)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from mmdet.registry import MODELS
+from mmengine.logging import print_log
+
+from ..errors import ConfigError
+from ..models import load_timm_vit
+from ..models.convert_official import is_official_layout, load_official, unwrap_checkpoint
+from ..models.reducers import build_reducer
+from ..models.vit_adapter import ViTAdapter
+
+VIT_KEYS = ("blocks.", "patch_embed.", "pos_embed")
+
+
+@MODELS.register_module()
+class TokenPruneViTAdapter(ViTAdapter):
+    """ViT-Adapter as an MMDetection backbone: returns four maps (strides 4, 8, 16, 32) for ``FPN``.
+
+    Args:
+        reducer: None (dense), or a token reducer's config, e.g. ``dict(type='SViT', ...)``; it drives the ViT
+            blocks only (see ``ViTAdapter``'s ``reducer_scope``).
+        init_cfg: None (random init), or ``dict(type='Pretrained', checkpoint=PATH)`` with a local file: a
+            timm / DeiT ViT state dict (ImageNet weights; the adapter starts from its initialisation), or a
+            checkpoint of the official ViT-Adapter / SViT code or of this backbone (converted on the fly).
+        **kwargs: The other arguments of :class:`tokenprune.models.vit_adapter.ViTAdapter`.
+    """
+
+    def __init__(self, reducer: dict | None = None, init_cfg: dict | None = None, **kwargs) -> None:
+        if init_cfg is not None and (init_cfg.get("type") != "Pretrained" or "checkpoint" not in init_cfg):
+            raise ConfigError(
+                "TokenPruneViTAdapter init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), "
+                f"got {init_cfg}"
+            )
+        try:
+            super().__init__(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"invalid TokenPruneViTAdapter arguments: {e}") from e
+        reducer = build_reducer(reducer, self.embed_dim)
+        try:
+            self.set_reducer(reducer)
+        except ValueError as e:
+            raise ConfigError(f"the reducer does not fit this backbone: {e}") from e
+        self.init_cfg = init_cfg
+
+    def init_weights(self) -> None:
+        """Called by the runner before training: loads ``init_cfg``'s checkpoint, if any."""
+        if self.init_cfg is None:
+            return
+        path = self.init_cfg["checkpoint"]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if is_official_layout(unwrap_checkpoint(ckpt)):
+            message = str(load_official(self, ckpt))
+        else:
+            report = load_timm_vit(self, ckpt)
+            others = [k for k in report.missing if not k.startswith(VIT_KEYS)]
+            report.missing = [k for k in report.missing if k.startswith(VIT_KEYS)]
+            message = f"{report}\n{len(others)} tensors outside the ViT (adapter, reducer) keep their initialisation"
+        print_log(f"TokenPruneViTAdapter: weights from {path}:\n{message}", logger="current")

@@ -1,0 +1,132 @@
+"""Checks the merging reducers' tests share (ToMe, PPT, BAT): tiny ViTs, images, dense twins, and the
+dense-safe properties every reducer must show. A helper module, not collected by pytest."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenprune.models import ViT
+from tokenprune.models.reducers.base import PRUNED
+
+DIM, DEPTH, HEADS = 48, 6, 3
+ODD_SIZES = [(50, 83), (33, 33), (17, 100)]  # non-square and not multiples of 16: grids 4x6, 3x3, 2x7
+IMG = (96, 128)  # a 6 x 8 grid, 48 patch tokens
+
+
+def make_vit(reducer, cls_token: bool = False, seed: int = 0) -> ViT:
+    """A tiny ViT (48 channels, 6 blocks, 3 heads) driven by ``reducer``; weights fixed by ``seed``."""
+    torch.manual_seed(seed)
+    return ViT(img_size=64, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, cls_token=cls_token, reducer=reducer)
+
+
+def dense_twin(model: ViT) -> ViT:
+    """The same backbone without its reducer, with the same weights, in the same mode."""
+    dense = ViT(
+        img_size=model.pos_embed_hw[0] * model.patch_size,
+        embed_dim=model.embed_dim,
+        depth=model.depth,
+        num_heads=model.num_heads,
+        cls_token=model.cls_token is not None,
+    )
+    dense.load_state_dict(model.state_dict())  # training-free reducers hold no parameters
+    return dense.train(model.training)
+
+
+def images(batch: int, size: tuple[int, int] = IMG, seed: int = 1) -> torch.Tensor:
+    """Images of different content: each has its own brightness and contrast."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(batch, 1, 1, 1, generator=g) * 2 + 0.2
+    shift = torch.randn(batch, 1, 1, 1, generator=g)
+    return torch.randn(batch, 3, *size, generator=g) * scale + shift
+
+
+def capture_states(model: ViT) -> list:
+    """Record the reducer's per-forward state, and the tokens handed to finish(), at each forward."""
+    states, finish = [], model.reducer.finish
+
+    def recording_finish(x, state):
+        state.finish_input = x
+        states.append(state)
+        return finish(x, state)
+
+    model.reducer.finish = recording_finish
+    return states
+
+
+@torch.no_grad()
+def assert_shapes_match_dense(model: ViT) -> None:
+    """Odd and non-square inputs (and a one-token image) give the dense backbone's map shape, finite."""
+    dense = dense_twin(model)
+    for size in ODD_SIZES + [(16, 16)]:
+        x = images(2, size)
+        out = model(x)
+        assert out.shape == dense(x).shape == (2, DIM, -(-size[0] // 16), -(-size[1] // 16))
+        assert torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def assert_zero_budget_is_dense(model: ViT, training: bool) -> None:
+    """With nothing to reduce the backbone's output equals the dense backbone's, and nothing was merged."""
+    model.train(training)
+    dense = dense_twin(model)
+    for size in [IMG, ODD_SIZES[0]]:
+        x = images(3, size)
+        got, want = model(x), dense(x)
+        assert (got - want).abs().max().item() < 1e-5
+    assert all(v.item() == 1.0 for k, v in model.last_stats.items() if k.startswith("keep_rate."))
+
+
+@torch.no_grad()
+def assert_restored_from_tokens(model: ViT, x: torch.Tensor) -> dict:
+    """Every position of the output holds the final token carrying it (identical at all positions of a merged
+    token), or its frozen value if dropped; some tokens were merged. Returns the group sizes seen."""
+    states = capture_states(model)
+    tokens, _ = model.forward_features(x)
+    state = states[-1]
+    pre_norm = model.norm  # the backbone normalises finish()'s output
+    source, final = state.source, state.finish_input
+    alive = source >= 0
+    expect = pre_norm(final.gather(1, source.clamp(min=0).unsqueeze(-1).expand(-1, -1, DIM)))
+    assert torch.equal(tokens[alive], expect[alive])
+    if (~alive).any():
+        assert torch.equal(tokens[~alive], pre_norm(state.frozen)[~alive])
+    sizes = {}
+    for b in range(x.shape[0]):
+        for t in source[b][alive[b]].unique().tolist():
+            rows = tokens[b][source[b] == t]
+            assert (rows == rows[0]).all()  # exact copies
+            sizes[len(rows)] = sizes.get(len(rows), 0) + 1
+    assert max(sizes) > 1, "nothing was merged"
+    return sizes
+
+
+@torch.no_grad()
+def assert_batch_equals_singles(model: ViT, x: torch.Tensor) -> None:
+    """The batch's output equals running its images one at a time (the batch runs first)."""
+    batched = model(x)
+    singles = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+    assert (batched - singles).abs().max().item() < 1e-5
+
+
+def assert_extreme_budget_is_safe(model: ViT, keep_ratio: float) -> None:
+    """No NaN and never an empty token set, in inference and in training (gradients finite too), on images
+    that include a constant one (all tokens alike)."""
+    model.record_tokens = True
+    x = torch.cat([images(2), torch.zeros(1, 3, *IMG)])
+    P = model.num_prefix_tokens
+    for training in (False, True):
+        model.train(training)
+        model.zero_grad()
+        out = model(x)
+        assert torch.isfinite(out).all()
+        assert (model.last_token_counts >= P + 1).all()
+        for ids in model.last_token_maps.values():
+            assert ((ids != PRUNED).sum(dim=1) >= 1).all()
+        if training:
+            out.square().mean().backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and all(torch.isfinite(g).all() for g in grads)
+    if keep_ratio == 1.0:
+        assert (model.last_token_counts == P + IMG[0] * IMG[1] // 256).all()
+    else:
+        assert model.last_token_counts.min() < P + IMG[0] * IMG[1] // 256

@@ -1,0 +1,192 @@
+"""tools/analysis_tools/benchmark.py and get_flops.py on tiny models: they run, emit valid JSON with the
+expected fields and sane relations (no timing assertions)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools/analysis_tools"))
+
+import benchmark  # noqa: E402
+import get_flops  # noqa: E402
+
+from tokenprune.models.reducers import REDUCERS  # noqa: E402
+
+SVIT_TINY = 'svit=SViT:{"gated_blocks": [1, 2, 3], "keep_targets": [0.7, 0.5, 0.3], "inference": "fixed"}'
+TINY_BACKBONE = ["--arch", "deit-t", "--depth", "4", "--size", "64", "64", "--threads", "1"]
+SHAPES_CFG = ROOT / "configs/dense/mask-rcnn_vit-t_simplefpn_shapes.py"
+SVIT_CFG = ROOT / "configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py"
+
+
+def check_spread(stats: dict) -> None:
+    assert 0 < stats["min"] <= stats["q1"] <= stats["median"] <= stats["q3"] <= stats["max"]
+
+
+def test_backbone_benchmark_writes_valid_json(tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.main(
+        ["backbone", *TINY_BACKBONE, "--batch", "1", "2", "--runs", "3", "--warmup", "1"]
+        + ["--reducer", "none", SVIT_TINY, "--json-out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["mode"] == "backbone" and result["environment"]["threads"] == 1
+    assert result["settings"]["depth"] == 4 and result["settings"]["runs"] == 3
+    assert [m["label"] for m in result["models"]] == ["dense", "svit"]
+    assert [r["batch"] for r in result["results"]] == [1, 2]
+    for r in result["results"]:
+        dense, svit = r["models"]["dense"], r["models"]["svit"]
+        for m in (dense, svit):
+            check_spread(m["latency_ms"])
+            assert m["images_per_s"] == pytest.approx(r["batch"] / m["latency_ms"]["median"] * 1e3)
+            assert m["measured_over_bound"] == pytest.approx(m["speedup"] / m["flop_bound"])
+            assert len(m["keep_rate"]) == len(m["block_macs"]) == 4
+        assert dense["speedup"] == dense["speedup_best"] == 1.0 and dense["flop_bound"] == 1.0
+        assert dense["keep_rate"] == [1.0] * 4
+        assert svit["speedup_best"] == pytest.approx(dense["latency_ms"]["min"] / svit["latency_ms"]["min"])
+        assert svit["keep_rate"] == [1.0] + [math.ceil(t * 16) / 16 for t in (0.7, 0.5, 0.3)]
+        assert svit["flop_bound"] > 1.0 and svit["backbone_macs"] < dense["backbone_macs"]
+        assert svit["flop_bound_padded"] == pytest.approx(svit["flop_bound"])  # fixed budget: no padding
+        assert svit["stats"]["keep_rate.block3"] == pytest.approx(math.ceil(0.3 * 16) / 16)
+
+
+def test_backbone_benchmark_runs_with_torch_and_timm_alone(tmp_path):
+    """As on the GPU machine: mmdet, mmengine and mmcv cannot be imported."""
+    out = tmp_path / "bench.json"
+    code = (
+        "import runpy, sys\n"
+        "for m in ('mmdet', 'mmengine', 'mmcv'): sys.modules[m] = None\n"
+        f"sys.argv = ['benchmark.py', 'backbone', *{TINY_BACKBONE!r}, '--batch', '1', '--runs', '1', "
+        f"'--warmup', '0', '--reducer', 'none', {SVIT_TINY!r}, '--json-out', {str(out)!r}]\n"
+        "runpy.run_path('tools/analysis_tools/benchmark.py', run_name='__main__')\n"
+        "assert not any(sys.modules.get(m) for m in ('mmdet', 'mmengine', 'mmcv'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["results"][0]["models"]["svit"]["flop_bound"] > 1.0
+
+
+def test_every_registered_reducer_runs_with_its_defaults():
+    result = benchmark.main(
+        ["backbone", "--arch", "deit-t", "--cls-token", "--size", "128", "128", "--threads", "1"]
+        + ["--batch", "1", "--runs", "1", "--warmup", "0", "--reducer", "all"]
+    )
+    models = result["results"][0]["models"]
+    assert list(models) == ["dense", *REDUCERS]
+    for label, m in models.items():
+        assert all(0 < k <= 1 for k in m["keep_rate"]), label
+        if label != "dense":
+            assert m["flop_bound"] > 1.0, label
+
+
+@pytest.mark.parametrize(
+    "reducer, message",
+    [
+        ("NoSuch", "unknown reducer 'NoSuch'"),
+        ("SViT:{inference: fixed}", "not valid JSON"),
+        ('SViT:{"keep_targets": [2.0]}', "invalid SViT reducer settings: keep_targets needs one value per gated"),
+    ],
+)
+def test_bad_reducer_gives_one_clear_message(capsys, reducer, message):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["backbone", *TINY_BACKBONE, "--runs", "1", "--reducer", reducer])
+    assert exit_info.value.code == 2
+    assert message.lower() in capsys.readouterr().err.lower()
+
+
+def test_get_flops_backbone_per_block(tmp_path):
+    out = tmp_path / "flops.json"
+    get_flops.main(["backbone", *TINY_BACKBONE, "--reducer", "none", SVIT_TINY, "--json-out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["unit"].startswith("MACs")
+    dense, svit = (result["results"][0]["models"][k] for k in ("dense", "svit"))
+    assert svit["tokens"] == [16.0] + [math.ceil(t * 16) for t in (0.7, 0.5, 0.3)]
+    for m in (dense, svit):
+        parts = m["patch_embed_macs"] + sum(m["block_macs"]) + m["reducer_macs"]
+        assert m["backbone_macs"] == pytest.approx(parts)
+    assert svit["block_macs"][0] == dense["block_macs"][0] and svit["block_macs"][3] < dense["block_macs"][3]
+    assert dense["flop_bound"] == 1.0 and svit["flop_bound"] == pytest.approx(
+        dense["backbone_macs"] / svit["backbone_macs"]
+    )
+
+
+def tiny_detector_configs(folder: Path) -> tuple[Path, Path]:
+    """Dense and SViT (gates at blocks 1-3) detectors with a 4-block ViT-T, test data: 2 shapes images."""
+    common = f"""
+data_root = '{folder}/shapes/'
+generate = dict(seed=0, num_train=2, num_val=2, image_size=(96, 96))
+test_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict(data_root=data_root, generate=generate))
+"""
+    dense = folder / "dense.py"
+    dense.write_text(f"_base_ = '{SHAPES_CFG}'\n{common}model = dict(backbone=dict(depth=4))\n")
+    svit = folder / "svit.py"
+    svit.write_text(
+        f"_base_ = '{SVIT_CFG}'\n{common}"
+        "model = dict(backbone=dict(depth=4, reducer=dict(gated_blocks=[1, 2, 3], keep_targets=[0.7, 0.5, 0.3])))\n"
+    )
+    return dense, svit
+
+
+def test_detector_benchmark_on_tiny_configs(tmp_path):
+    dense_cfg, svit_cfg = tiny_detector_configs(tmp_path)
+    out = tmp_path / "bench.json"
+    benchmark.main(
+        ["detector", str(dense_cfg), str(svit_cfg), "--size", "64", "96", "--batch", "1", "--runs", "2"]
+        + ["--warmup", "0", "--threads", "1", "--json-out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["mode"] == "detector" and [m["label"] for m in result["models"]] == ["dense", "svit"]
+    r = result["results"][0]
+    dense, svit = r["models"]["dense"], r["models"]["svit"]
+    for m in (dense, svit):
+        for part in ("detector", "backbone"):
+            check_spread(m[part]["latency_ms"])
+            assert m[part]["measured_over_bound"] == pytest.approx(m[part]["speedup"] / m[part]["flop_bound"])
+        assert m["detector_macs"] == pytest.approx(m["backbone_macs"] + m["rest_macs"])
+        assert set(m["rest_macs_by_part"]) >= {"neck", "rpn_head", "roi_head"}
+        assert m["backbone_other_macs"] == 0.0  # a plain ViT has no layers outside its blocks and patch embedding
+    assert dense["detector"]["speedup"] == 1.0 and dense["backbone"]["flop_bound"] == 1.0
+    assert svit["keep_rate"] == [1.0] + [math.ceil(t * 24) / 24 for t in (0.7, 0.5, 0.3)]
+    assert svit["backbone"]["flop_bound"] > svit["detector"]["flop_bound"] > 1.0
+    assert svit["rest_macs_by_part"]["neck"] == dense["rest_macs_by_part"]["neck"]
+
+
+def test_get_flops_detector_on_dataset_images(tmp_path):
+    dense_cfg, svit_cfg = tiny_detector_configs(tmp_path)
+    result = get_flops.main(
+        ["detector", str(dense_cfg), str(svit_cfg), "--dataset", "--num-images", "2", "--threads", "1"]
+    )
+    r = result["results"][0]
+    assert r["num_images"] == 2 and r["input_hw"] == [[256, 256]]  # the test pipeline resizes to 256 x 256
+    dense, svit = r["models"]["dense"], r["models"]["svit"]
+    assert dense["tokens"] == [256.0] * 4 and svit["tokens"][3] == math.ceil(0.3 * 256)
+    assert svit["detector_flop_bound"] > 1.0 and dense["detector_flop_bound"] == 1.0
+
+
+def test_backbone_on_real_images_with_checkpoint(tmp_path):
+    """--images resizes and pads real images to --size; --checkpoint loads the backbone and the reducer's
+    calibrated thresholds (here 0: every token passes, unlike the fixed-budget fallback)."""
+    from PIL import Image
+
+    from tokenprune.models import SViTReducer, ViT
+
+    for i, size in enumerate([(40, 64), (64, 30), (50, 50)]):
+        Image.new("RGB", size, (40 * i, 90, 200)).save(tmp_path / f"img{i}.png")
+    reducer = SViTReducer(192, gated_blocks=(1, 2, 3), keep_targets=(0.7, 0.5, 0.3))
+    reducer.calibration_steps.fill_(1)
+    vit = ViT(embed_dim=192, depth=4, num_heads=3, reducer=reducer)
+    state = {f"backbone.{k}": v for k, v in vit.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "model.pth")
+    threshold = 'svit=SViT:{"gated_blocks": [1, 2, 3], "keep_targets": [0.7, 0.5, 0.3]}'
+    result = get_flops.main(
+        ["backbone", *TINY_BACKBONE, "--images", str(tmp_path), "--batch", "2", "--reducer", "none", threshold]
+        + ["--checkpoint", str(tmp_path / "model.pth")]
+    )
+    assert len(result["settings"]["images"]) == 3 and result["results"][0]["num_images"] == 2
+    assert f"svit: {len(reducer.state_dict())} reducer tensors from the checkpoint" in result["notes"]
+    assert result["results"][0]["models"]["svit"]["keep_rate"] == [1.0] * 4
