@@ -101,6 +101,16 @@ class TokenReducer(nn.Module, metaclass=abc.ABCMeta):
         return {}
 
 
+def keep_masks_to_token_maps(masks: dict[int, Tensor]) -> dict[int, Tensor]:
+    """Block index -> (B, h*w) bool keep mask, as :meth:`TokenReducer.token_maps`: each kept position carries
+    its own index, the others ``PRUNED``."""
+    out = {}
+    for block, keep in masks.items():
+        ids = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+        out[block] = torch.where(keep, ids, torch.full_like(ids, PRUNED))
+    return out
+
+
 def dense_token_counts(depth: int, batch: int, num_tokens: int, device: torch.device | None = None) -> Tensor:
     """(depth, B) token counts of a dense forward: every block sees all ``num_tokens`` tokens."""
     return torch.full((depth, batch), float(num_tokens), device=device)

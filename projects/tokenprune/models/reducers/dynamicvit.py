@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import PRUNED, TokenReducer, dense_token_counts
+from .base import TokenReducer, dense_token_counts, keep_masks_to_token_maps
 from .svit import topk_mask, with_prefix
 
 KEEP = 0  # the predictor's class index of "keep"
@@ -304,11 +304,7 @@ class DynamicViTReducer(TokenReducer):
 
     def token_maps(self, state: DynamicViTState) -> dict[int, Tensor]:
         """Kept positions carry their own index, dropped ones ``PRUNED``."""
-        out = {}
-        for block, mask in state.masks.items():
-            ids = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-            out[block] = torch.where(mask, ids, torch.full_like(ids, PRUNED))
-        return out
+        return keep_masks_to_token_maps(state.masks)
 
     # pruning stages
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import PRUNED, TokenReducer, dense_token_counts
+from .base import TokenReducer, dense_token_counts, keep_masks_to_token_maps
 
 KEEP = 0  # the gate's class index of "keep"
 
@@ -67,6 +67,26 @@ def with_prefix(patch: Tensor, num_prefix: int, value: float | bool) -> Tensor:
     """(B, Np) per-patch values -> (B, num_prefix + Np), the prefix positions set to ``value``."""
     prefix = torch.full((patch.shape[0], num_prefix), value, dtype=patch.dtype, device=patch.device)
     return torch.cat([prefix, patch], dim=1)
+
+
+@torch.no_grad()
+def update_threshold(
+    thresholds: Tensor, steps: Tensor, g: int, scores: Tensor, target: float, momentum: float, floor: float | None
+) -> None:
+    """Move ``thresholds[g]`` (EMA, in place) towards the value at which this batch's scores keep ``target`` of
+    their tokens, and count the update in ``steps[g]``.
+
+    The first 1 / ``momentum`` updates average the batches equally, so a short calibration does not lean on its
+    first batch. ``floor`` bounds the batch's threshold from below (None: no bound).
+    """
+    flat = scores.detach().flatten().float()
+    k = max(1, min(flat.numel(), round(target * flat.numel())))
+    batch_threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
+    if floor is not None:
+        batch_threshold = batch_threshold.clamp(min=floor)
+    m = (1.0 / (steps[g] + 1)).clamp(min=momentum)
+    thresholds[g] += m * (batch_threshold - thresholds[g])
+    steps[g] += 1
 
 
 def svit_ratio_loss(fractions: Tensor, targets: Tensor, mode: str = "batch") -> Tensor:
@@ -267,11 +287,7 @@ class SViTReducer(TokenReducer):
 
     def token_maps(self, state: SViTState) -> dict[int, Tensor]:
         """Kept positions carry their own index, pruned ones ``PRUNED``."""
-        out = {}
-        for block, keep in state.keep_masks.items():
-            ids = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-            out[block] = torch.where(keep, ids, torch.full_like(ids, PRUNED))
-        return out
+        return keep_masks_to_token_maps(state.keep_masks)
 
     # gated blocks
 
@@ -330,19 +346,10 @@ class SViTReducer(TokenReducer):
             keep = p_keep >= self.thresholds[g]
         return keep | topk_mask(p_keep, self.min_keep)
 
-    @torch.no_grad()
     def _update_threshold(self, g: int, p_keep: Tensor) -> None:
-        """EMA of the value at which this batch's p_keep keeps its target fraction of tokens.
-
-        The first 1 / ``threshold_momentum`` updates average the batches equally, so a short calibration
-        does not lean on its first batch.
-        """
-        p = p_keep.detach().flatten().float()
-        k = max(1, min(p.numel(), round(self.keep_targets[g] * p.numel())))
-        batch_threshold = torch.kthvalue(p, p.numel() - k + 1).values.clamp(min=0.0)
-        m = (1.0 / (self.calibration_steps[g] + 1)).clamp(min=self.threshold_momentum)
-        self.thresholds[g] += m * (batch_threshold - self.thresholds[g])
-        self.calibration_steps[g] += 1
+        update_threshold(
+            self.thresholds, self.calibration_steps, g, p_keep, self.keep_targets[g], self.threshold_momentum, floor=0.0
+        )
 
     def _record(self, g: int, keep: Tensor, state: SViTState) -> None:
         block = self.gated_blocks[g]

@@ -41,9 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import PRUNED, TokenReducer, dense_token_counts
+from .base import TokenReducer, dense_token_counts, keep_masks_to_token_maps
 from .dynamicvit import force_min_keep
-from .svit import DEFAULT_KEEP_TARGETS, keep_count, run_on_kept, svit_ratio_loss, topk_mask, with_prefix
+from .svit import (
+    DEFAULT_KEEP_TARGETS,
+    keep_count,
+    run_on_kept,
+    svit_ratio_loss,
+    topk_mask,
+    update_threshold,
+    with_prefix,
+)
 
 PAUSE, RESTART = 0, 1  # the controller's logit indices
 
@@ -308,11 +316,7 @@ class TPCReducer(TokenReducer):
 
     def token_maps(self, state: TPCState) -> dict[int, Tensor]:
         """Active positions carry their own index, paused ones ``PRUNED``."""
-        out = {}
-        for block, mask in state.masks.items():
-            ids = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-            out[block] = torch.where(mask, ids, torch.full_like(ids, PRUNED))
-        return out
+        return keep_masks_to_token_maps(state.masks)
 
     # controlled blocks
 
@@ -345,16 +349,10 @@ class TPCReducer(TokenReducer):
             keep = s >= self.thresholds[g]
         return keep | topk_mask(s, self.min_keep)
 
-    @torch.no_grad()
     def _update_threshold(self, g: int, s: Tensor) -> None:
-        """EMA of the value of s at which this batch runs its target fraction of tokens (the first
-        1 / ``threshold_momentum`` updates are averaged equally)."""
-        flat = s.flatten().float()
-        k = max(1, min(flat.numel(), round(self.keep_targets[g] * flat.numel())))
-        batch_threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
-        m = (1.0 / (self.calibration_steps[g] + 1)).clamp(min=self.threshold_momentum)
-        self.thresholds[g] += m * (batch_threshold - self.thresholds[g])
-        self.calibration_steps[g] += 1
+        update_threshold(
+            self.thresholds, self.calibration_steps, g, s, self.keep_targets[g], self.threshold_momentum, floor=None
+        )
 
     def _record(self, index: int, active: Tensor, was_active: Tensor | None, state: TPCState) -> None:
         mask = active.detach() > 0.5 if active.is_floating_point() else active
