@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "projects"))
 
+import torch
 from mmengine.config import DictAction
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
@@ -68,8 +69,6 @@ def main() -> None:
     args = parse_args()
     cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if args.amp:
-        import torch
-
         if not torch.cuda.is_available():
             raise ConfigError("--amp needs a CUDA GPU (mmengine's AmpOptimWrapper); drop --amp on CPU")
         cfg.optim_wrapper.type = "AmpOptimWrapper"
@@ -96,6 +95,10 @@ def main() -> None:
     setup_cpu_distributed(cfg)
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     runner.train()
+    if torch.distributed.is_initialized():
+        # shut the group down explicitly: a gloo group left to interpreter exit can abort the process
+        # ("terminate called without an active exception") after training has finished
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
