@@ -4,7 +4,7 @@
 # interaction stage (reducer_scope 'auto' -> 'stage'); its ratios are fractions of all tokens, the same at a
 # stage start. Fine-tuned from the dense model with the SViT schedule (4 epochs). Published: did not converge
 # (SViT's paper); the "+ keep" variant is mask-rcnn_dynamicvit-keep-adapter-s_fpn_4e_coco.py.
-_base_ = './mask-rcnn_vit-adapter-s_fpn_3x_coco.py'
+_base_ = ['./mask-rcnn_vit-adapter-s_fpn_3x_coco.py', '../_base_/schedules/svit_finetune.py']
 
 load_from = 'work_dirs/mask-rcnn_vit-adapter-s_fpn_3x_coco/epoch_36.pth'
 dynamicvit_reducer = dict(
@@ -15,9 +15,6 @@ model = dict(
     backbone=dict(init_cfg=None, reducer=dynamicvit_reducer))
 
 train_cfg = dict(max_epochs=4)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=4, by_epoch=True, milestones=[3], gamma=0.1),
-]
-optim_wrapper = dict(optimizer=dict(lr=1e-5, weight_decay=1e-6))
+param_scheduler = {{_base_.finetune_4e_scheduler}}
+optim_wrapper = dict(optimizer={{_base_.finetune_optimizer}})
 custom_hooks = [dict(type='TokenStatsHook')]

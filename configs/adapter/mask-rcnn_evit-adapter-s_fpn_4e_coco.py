@@ -4,7 +4,7 @@
 # blocks 3, 6 and 9 each open a stage with all tokens, so their keep rates 0.7, 0.49, 0.343 are relative to
 # all tokens, the same counts as EViT's 0.7 per step on a plain ViT. Fine-tuned from the dense model with the
 # SViT schedule (4 epochs). Published: 47.1 box AP / 41.6 mask AP.
-_base_ = './mask-rcnn_vit-adapter-s_fpn_3x_coco.py'
+_base_ = ['./mask-rcnn_vit-adapter-s_fpn_3x_coco.py', '../_base_/schedules/svit_finetune.py']
 
 load_from = 'work_dirs/mask-rcnn_vit-adapter-s_fpn_3x_coco/epoch_36.pth'
 evit_reducer = dict(type='EViT', reduce_blocks=[3, 6, 9], keep_rate=[0.7, 0.49, 0.343], score='mean_attention')
@@ -13,9 +13,6 @@ model = dict(
     backbone=dict(init_cfg=None, reducer=evit_reducer))
 
 train_cfg = dict(max_epochs=4)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=4, by_epoch=True, milestones=[3], gamma=0.1),
-]
-optim_wrapper = dict(optimizer=dict(lr=1e-5, weight_decay=1e-6))
+param_scheduler = {{_base_.finetune_4e_scheduler}}
+optim_wrapper = dict(optimizer={{_base_.finetune_optimizer}})
 custom_hooks = [dict(type='TokenStatsHook')]

@@ -8,7 +8,4 @@ model = dict(
     neck=dict(in_channels=[192, 192, 192, 192]))
 
 train_cfg = dict(max_epochs=6)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=6, by_epoch=True, milestones=[4], gamma=0.1),
-]
+param_scheduler = {{_base_.finetune_6e_scheduler}}

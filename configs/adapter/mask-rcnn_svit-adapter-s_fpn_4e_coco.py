@@ -7,7 +7,7 @@
 #   tools/dist_train.sh configs/adapter/mask-rcnn_svit-adapter-s_fpn_4e_coco.py 8 --amp
 # load_from below is the dense run's last checkpoint; for the official dense checkpoint, convert it first
 # (tools/model_converters/official_to_tokenprune.py) and pass --cfg-options load_from=CONVERTED.pth.
-_base_ = ['./mask-rcnn_vit-adapter-s_fpn_3x_coco.py', '../_base_/models/svit.py']
+_base_ = ['./mask-rcnn_vit-adapter-s_fpn_3x_coco.py', '../_base_/models/svit.py', '../_base_/schedules/svit_finetune.py']
 
 load_from = 'work_dirs/mask-rcnn_vit-adapter-s_fpn_3x_coco/epoch_36.pth'
 model = dict(
@@ -17,9 +17,6 @@ model = dict(
         reducer={{_base_.svit_reducer}}))
 
 train_cfg = dict(max_epochs=4)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=4, by_epoch=True, milestones=[3], gamma=0.1),
-]
-optim_wrapper = dict(optimizer=dict(lr=1e-5, weight_decay=1e-6))
+param_scheduler = {{_base_.finetune_4e_scheduler}}
+optim_wrapper = dict(optimizer={{_base_.finetune_optimizer}})
 custom_hooks = {{_base_.svit_hooks}}

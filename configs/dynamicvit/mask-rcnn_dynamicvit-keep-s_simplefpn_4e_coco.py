@@ -2,7 +2,7 @@
 # blocks 3, 6, 9, keep ratios 0.7, 0.49, 0.343, ratio loss weight 2, fine-tuned from the dense 3x model with
 # SViT's recipe (AdamW lr 1e-5, weight decay 1e-6, 500-iteration warm-up, 4 epochs, step at 3; batch 16).
 #   tools/dist_train.sh configs/dynamicvit/mask-rcnn_dynamicvit-keep-s_simplefpn_4e_coco.py 8
-_base_ = ['../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py', '../_base_/models/dynamicvit.py']
+_base_ = ['../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py', '../_base_/models/dynamicvit.py', '../_base_/schedules/svit_finetune.py']
 
 load_from = 'work_dirs/mask-rcnn_deit-s_simplefpn_3x_coco/epoch_36.pth'
 model = dict(
@@ -12,9 +12,6 @@ model = dict(
         reducer={{_base_.dynamicvit_reducer}}))
 
 train_cfg = dict(max_epochs=4)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=4, by_epoch=True, milestones=[3], gamma=0.1),
-]
-optim_wrapper = dict(optimizer=dict(lr=1e-5, weight_decay=1e-6))
+param_scheduler = {{_base_.finetune_4e_scheduler}}
+optim_wrapper = dict(optimizer={{_base_.finetune_optimizer}})
 custom_hooks = {{_base_.dynamicvit_hooks}}

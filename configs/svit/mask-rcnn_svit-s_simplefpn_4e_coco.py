@@ -4,7 +4,7 @@
 #   tools/dist_train.sh configs/dense/mask-rcnn_deit-s_simplefpn_3x_coco.py 8
 #   tools/dist_train.sh configs/svit/mask-rcnn_svit-s_simplefpn_4e_coco.py 8
 # Set load_from below (or --cfg-options load_from=...) to the dense checkpoint.
-_base_ = ['../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py', '../_base_/models/svit.py']
+_base_ = ['../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py', '../_base_/models/svit.py', '../_base_/schedules/svit_finetune.py']
 
 load_from = 'work_dirs/mask-rcnn_deit-s_simplefpn_3x_coco/epoch_36.pth'
 model = dict(
@@ -14,9 +14,6 @@ model = dict(
         reducer={{_base_.svit_reducer}}))
 
 train_cfg = dict(max_epochs=4)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=4, by_epoch=True, milestones=[3], gamma=0.1),
-]
-optim_wrapper = dict(optimizer=dict(lr=1e-5, weight_decay=1e-6))
+param_scheduler = {{_base_.finetune_4e_scheduler}}
+optim_wrapper = dict(optimizer={{_base_.finetune_optimizer}})
 custom_hooks = {{_base_.svit_hooks}}
