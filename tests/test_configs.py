@@ -74,6 +74,10 @@ def test_config_builds_trains_and_predicts(path):
     with torch.no_grad():
         data = model.data_preprocessor(make_batch(num_classes), training=False)
         results = model.predict(data["inputs"], data["data_samples"])
+        feats = model.extract_feat(data["inputs"])
+    # mmcv's RoIAlign reads raw memory as contiguous NCHW: a channels-last map would give the RoI heads
+    # scrambled features without any error (this once kept every SimpleFPN model from learning)
+    assert all(f.is_contiguous() for f in feats)
     assert len(results) == 2
     for r in results:
         pred = r.pred_instances

@@ -82,3 +82,21 @@ def test_simple_fpn_strides():
     outs = neck((torch.randn(2, 192, 20, 30),))
     assert [o.shape[-2:] for o in outs] == [(80, 120), (40, 60), (20, 30), (10, 15), (5, 8)]
     assert all(o.shape[:2] == (2, 64) for o in outs)
+
+
+def test_roi_align_reads_the_simple_fpn_levels_correctly():
+    """Regression: the neck's maps used to be permuted views (channels-last memory), which mmcv's CPU RoIAlign
+    reads as if contiguous, so the RoI heads of every SimpleFPN detector got scrambled features and did not
+    learn. mmcv's RoIAlign on each level must equal torchvision's, which honours strides."""
+    mmcv_ops = pytest.importorskip("mmcv.ops")
+    from torchvision.ops import roi_align as tv_roi_align
+
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 8 * 12, 64)  # the backbone's map is a token-major (channels-last) view
+    outs = SimpleFPN(64, 32, num_outs=5)(tokens.transpose(1, 2).reshape(2, 64, 8, 12))
+    rois = torch.tensor([[0, 10.0, 20.0, 90.0, 70.0], [1, 33.0, 5.0, 60.0, 120.0], [1, 0.0, 0.0, 191.0, 127.0]])
+    for level, stride in zip(outs, (4, 8, 16, 32, 64)):
+        assert level.is_contiguous()
+        ours = mmcv_ops.roi_align(level, rois, (7, 7), 1 / stride, 2, "avg", True)
+        reference = tv_roi_align(level, rois, (7, 7), 1 / stride, 2, aligned=True)
+        assert torch.allclose(ours, reference, atol=1e-5)

@@ -71,4 +71,6 @@ class SimpleFPN(nn.Module):
         outs = [fpn(lat(f)) for f, lat, fpn in zip(levels, self.lateral_convs, self.fpn_convs)]
         if self.num_outs == 5:
             outs.append(F.max_pool2d(outs[-1], 1, stride=2))
-        return tuple(outs)
+        # contiguous NCHW: mmcv's RoIAlign reads raw memory as NCHW and silently samples wrong values from a
+        # channels-last tensor, which is what convolutions return for the backbone's token-major map
+        return tuple(o.contiguous() for o in outs)

@@ -250,9 +250,9 @@ class ViT(nn.Module):
         return self.norm(x), hw
 
     def tokens_to_map(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        """Tokens (B, prefix + h*w, C) -> patch feature map (B, C, h, w); prefix tokens are dropped."""
+        """Tokens (B, prefix + h*w, C) -> patch feature map (B, C, h, w), contiguous; prefix tokens are dropped."""
         x = x[:, self.num_prefix_tokens :]
-        return x.transpose(1, 2).reshape(x.shape[0], self.embed_dim, *hw)
+        return x.transpose(1, 2).reshape(x.shape[0], self.embed_dim, *hw).contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W) -> stride-16 map (B, C, ceil(H/16), ceil(W/16))."""

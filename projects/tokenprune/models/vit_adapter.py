@@ -144,7 +144,8 @@ class MSDeformAttn(nn.Module):
         kernel = _mmcv_kernel() if v.is_cuda else None
         if kernel is not None:
             starts = torch.cat([shape_t.new_zeros(1), shape_t.prod(1).cumsum(0)[:-1]])
-            out = kernel.apply(v, shape_t, starts, locations, weights, 64)
+            # the CUDA kernel reads raw memory: hand it contiguous tensors
+            out = kernel.apply(v.contiguous(), shape_t, starts, locations.contiguous(), weights.contiguous(), 64)
         else:
             out = ms_deform_attn_core(v, shapes, locations, weights)
         return self.output_proj(out)
@@ -591,7 +592,8 @@ class ViTAdapter(ViT):
         if self.add_vit_feature:
             vit_map = self.tokens_to_map(tokens, hw)
             outs = [o + F.interpolate(vit_map, size=o.shape[-2:], mode="bilinear", align_corners=False) for o in outs]
-        return tuple(norm(o) for norm, o in zip((self.norm1, self.norm2, self.norm3, self.norm4), outs))
+        # contiguous NCHW maps (see SimpleFPN.forward: mmcv's RoIAlign misreads channels-last memory)
+        return tuple(norm(o).contiguous() for norm, o in zip((self.norm1, self.norm2, self.norm3, self.norm4), outs))
 
     def forward_interactions(self, x: Tensor, hw: tuple[int, int], c: Tensor, shapes: Shapes) -> tuple[Tensor, Tensor]:
         """The four interactions: ViT tokens x (B, h*w, C) and adapter tokens c (B, n, C) -> both updated.
