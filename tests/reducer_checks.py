@@ -1,5 +1,5 @@
-"""Checks the merging reducers' tests share (ToMe, PPT, BAT): tiny ViTs, images, dense twins, and the
-dense-safe properties every reducer must show. A helper module, not collected by pytest."""
+"""Checks the reducers' tests share (ToMe, PPT, BAT, EViT, DynamicViT, TPC): tiny ViTs, images, dense twins,
+and the dense-safe properties every reducer must show. A helper module, not collected by pytest."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ ODD_SIZES = [(50, 83), (33, 33), (17, 100)]  # non-square and not multiples of 1
 IMG = (96, 128)  # a 6 x 8 grid, 48 patch tokens
 
 
-def make_vit(reducer, cls_token: bool = False, seed: int = 0) -> ViT:
-    """A tiny ViT (48 channels, 6 blocks, 3 heads) driven by ``reducer``; weights fixed by ``seed``."""
+def make_vit(reducer, cls_token: bool = False, seed: int = 0, img_size: int = 64, **kwargs) -> ViT:
+    """A tiny ViT (48 channels, 6 blocks, 3 heads unless ``kwargs`` say otherwise) driven by ``reducer``;
+    weights fixed by ``seed``."""
     torch.manual_seed(seed)
-    return ViT(img_size=64, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, cls_token=cls_token, reducer=reducer)
+    shape = {"embed_dim": DIM, "depth": DEPTH, "num_heads": HEADS, **kwargs}
+    return ViT(img_size=img_size, cls_token=cls_token, reducer=reducer, **shape)
 
 
 def dense_twin(model: ViT) -> ViT:
@@ -28,7 +30,8 @@ def dense_twin(model: ViT) -> ViT:
         num_heads=model.num_heads,
         cls_token=model.cls_token is not None,
     )
-    dense.load_state_dict(model.state_dict())  # training-free reducers hold no parameters
+    result = dense.load_state_dict(model.state_dict(), strict=False)  # the reducer's own weights stay behind
+    assert result.missing_keys == [] and all(k.startswith("reducer.") for k in result.unexpected_keys)
     return dense.train(model.training)
 
 
@@ -60,7 +63,7 @@ def assert_shapes_match_dense(model: ViT) -> None:
     for size in ODD_SIZES + [(16, 16)]:
         x = images(2, size)
         out = model(x)
-        assert out.shape == dense(x).shape == (2, DIM, -(-size[0] // 16), -(-size[1] // 16))
+        assert out.shape == dense(x).shape == (2, model.embed_dim, -(-size[0] // 16), -(-size[1] // 16))
         assert torch.isfinite(out).all()
 
 
@@ -106,6 +109,14 @@ def assert_batch_equals_singles(model: ViT, x: torch.Tensor) -> None:
     batched = model(x)
     singles = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
     assert (batched - singles).abs().max().item() < 1e-5
+
+
+@torch.no_grad()
+def assert_matches_dense(model: ViT, x: torch.Tensor, atol: float = 1e-5) -> None:
+    """The reduced backbone's output equals its dense twin's."""
+    got, want = model(x), dense_twin(model)(x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < atol
 
 
 def assert_extreme_budget_is_safe(model: ViT, keep_ratio: float) -> None:

@@ -1,16 +1,17 @@
 """DynamicViT token sparsification (tokenprune.models.reducers.dynamicvit) in the ViT backbone, on tiny models."""
 
+import functools
 import math
 
 import pytest
+import reducer_checks
 import torch
-from pruning_checks import (
+from reducer_checks import (
     DIM,
     assert_batch_equals_singles,
-    assert_dense_shapes,
     assert_matches_dense,
+    assert_shapes_match_dense,
     capture_states,
-    images,
     make_vit,
 )
 
@@ -18,6 +19,8 @@ from tokenprune.errors import ConfigError
 from tokenprune.models import ViT
 from tokenprune.models.reducers import DynamicViTReducer, build_reducer
 from tokenprune.models.reducers.dynamicvit import block_with_policy, dynamicvit_ratio_loss
+
+images = functools.partial(reducer_checks.images, size=(64, 96))  # a 4 x 6 grid of patches
 
 BLOCKS = (2, 3, 4)
 RATIOS = (0.7, 0.5, 0.3)
@@ -53,7 +56,7 @@ def noise_free(model) -> None:
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("cls_token", [True, False])
 def test_odd_and_non_square_inputs_give_the_dense_map(cls_token, training, keep_pruned):
-    assert_dense_shapes(make_model(cls_token, keep_pruned=keep_pruned).train(training))
+    assert_shapes_match_dense(make_model(cls_token, keep_pruned=keep_pruned).train(training))
 
 
 @pytest.mark.parametrize("keep_pruned", [True, False])

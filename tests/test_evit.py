@@ -1,18 +1,19 @@
 """EViT token reorganisation (tokenprune.models.reducers.evit) in the ViT backbone, on tiny models."""
 
+import functools
 import math
 
 import pytest
+import reducer_checks
 import torch
-from pruning_checks import (
+from reducer_checks import (
     DEPTH,
     DIM,
     HEADS,
     assert_batch_equals_singles,
-    assert_dense_shapes,
     assert_matches_dense,
+    assert_shapes_match_dense,
     capture_states,
-    images,
     make_vit,
 )
 
@@ -20,6 +21,8 @@ from tokenprune.errors import ConfigError
 from tokenprune.models import ViT
 from tokenprune.models.reducers import EViTReducer, build_reducer
 from tokenprune.models.reducers.common import attention_trace
+
+images = functools.partial(reducer_checks.images, size=(64, 96))  # a 4 x 6 grid of patches
 
 SCORES = [(True, "cls"), (True, "mean_attention"), (False, "mean_attention")]
 
@@ -33,7 +36,7 @@ def make_model(cls_token=False, score=None, **kwargs):
 @pytest.mark.parametrize("restore", ["fused", "last"])
 @pytest.mark.parametrize("cls_token, score", SCORES)
 def test_odd_and_non_square_inputs_give_the_dense_map(cls_token, score, restore):
-    assert_dense_shapes(make_model(cls_token, score, restore=restore).eval())
+    assert_shapes_match_dense(make_model(cls_token, score, restore=restore).eval())
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -1,17 +1,18 @@
 """TPC pause/restart token control (tokenprune.models.reducers.tpc) in the ViT backbone, on tiny models."""
 
+import functools
 import math
 
 import pytest
+import reducer_checks
 import torch
 import torch.nn.functional as F
-from pruning_checks import (
+from reducer_checks import (
     DIM,
     assert_batch_equals_singles,
-    assert_dense_shapes,
     assert_matches_dense,
+    assert_shapes_match_dense,
     capture_states,
-    images,
     make_vit,
 )
 
@@ -19,6 +20,8 @@ from tokenprune.errors import ConfigError
 from tokenprune.models.reducers import TPCReducer, build_reducer
 from tokenprune.models.reducers.svit import svit_ratio_loss
 from tokenprune.models.reducers.tpc import tpc_smooth_loss
+
+images = functools.partial(reducer_checks.images, size=(64, 96))  # a 4 x 6 grid of patches
 
 BLOCKS = (2, 3, 4, 5)
 TARGETS = (0.7, 0.7, 0.49, 0.343)
@@ -70,7 +73,7 @@ def calibrate(model, steps: int = 3, batch: int = 4) -> None:
 def test_odd_and_non_square_inputs_give_the_dense_map(cls_token, training, inference):
     model = make_model(cls_token, inference=inference)
     calibrate(model)
-    assert_dense_shapes(model.train(training))
+    assert_shapes_match_dense(model.train(training))
 
 
 @pytest.mark.parametrize("stabilizer", [True, False])
