@@ -190,3 +190,33 @@ def test_backbone_on_real_images_with_checkpoint(tmp_path):
     assert len(result["settings"]["images"]) == 3 and result["results"][0]["num_images"] == 2
     assert f"svit: {len(reducer.state_dict())} reducer tensors from the checkpoint" in result["notes"]
     assert result["results"][0]["models"]["svit"]["keep_rate"] == [1.0] * 4
+
+
+def test_svit_gate_cost_replays_the_gates_without_computing_them(tmp_path):
+    import svit_gate_cost
+
+    calls = []
+
+    class CountingGate(torch.nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            return x * 2
+
+    replay = svit_gate_cost.ReplayGate(CountingGate())
+    first, second = torch.randn(2, 3), torch.randn(2, 3)
+    recorded = [replay(first), replay(second)]
+    replay.record = False
+    assert len(calls) == 2
+    assert torch.equal(replay(first), recorded[0]) and torch.equal(replay(second), recorded[1])
+    assert len(calls) == 2  # replaying computes nothing
+
+    out = tmp_path / "gates.json"
+    result = svit_gate_cost.main(
+        ["--arch", "deit-t", "--size", "64", "64", "--batch", "1", "2", "--threads", "1", "--runs", "2"]
+        + ["--warmup", "0", "--json-out", str(out)]
+    )
+    assert json.loads(out.read_text()) == result
+    assert set(result["batches"]) == {"1", "2"}
+    for row in result["batches"].values():
+        assert set(row["ms"]) == {"dense", "svit", "svit_no_gates"}
+        assert math.isfinite(row["gates_share_of_dense"]) and math.isfinite(row["gates_share_of_svit"])
