@@ -39,6 +39,16 @@ class TokenReducer(nn.Module, metaclass=abc.ABCMeta):
     def check_backbone(self, depth: int, embed_dim: int) -> None:  # noqa: B027 (optional hook)
         """Called by the backbone's constructor; raise ValueError if the reducer does not fit the backbone."""
 
+    def check_width_and_blocks(self, depth: int, embed_dim: int, blocks_name: str, blocks) -> None:
+        """The checks most reducers' :meth:`check_backbone` make: built for this ``embed_dim`` (the reducer's
+        own ``self.embed_dim``), and the last of ``blocks`` (sorted block indices, named ``blocks_name`` in the
+        message) inside a backbone of ``depth`` blocks."""
+        if embed_dim != self.embed_dim:
+            name = type(self).__name__
+            raise ValueError(f"{name} was built for embed_dim={self.embed_dim}, the backbone has {embed_dim}")
+        if blocks and blocks[-1] >= depth:
+            raise ValueError(f"{blocks_name} {blocks} do not fit a backbone of depth {depth}")
+
     @abc.abstractmethod
     def begin(self, x: Tensor, hw: tuple[int, int], num_prefix: int) -> tuple[Tensor, Any]:
         """Start a forward.

@@ -221,12 +221,7 @@ class DynamicViTReducer(TokenReducer):
         self.predictors = nn.ModuleList(DynamicViTPredictor(embed_dim) for _ in prune_blocks)
 
     def check_backbone(self, depth: int, embed_dim: int) -> None:
-        if embed_dim != self.embed_dim:
-            raise ValueError(
-                f"DynamicViTReducer was built for embed_dim={self.embed_dim}, the backbone has {embed_dim}"
-            )
-        if self.prune_blocks and self.prune_blocks[-1] >= depth:
-            raise ValueError(f"prune_blocks {self.prune_blocks} do not fit a backbone of depth {depth}")
+        self.check_width_and_blocks(depth, embed_dim, "prune_blocks", self.prune_blocks)
 
     def extra_repr(self) -> str:
         return (

@@ -137,10 +137,7 @@ class EViTReducer(TokenReducer):
         self.rate_of = dict(zip(reduce_blocks, rates))
 
     def check_backbone(self, depth: int, embed_dim: int) -> None:
-        if embed_dim != self.embed_dim:
-            raise ValueError(f"EViTReducer was built for embed_dim={self.embed_dim}, the backbone has {embed_dim}")
-        if self.reduce_blocks and self.reduce_blocks[-1] >= depth:
-            raise ValueError(f"reduce_blocks {self.reduce_blocks} do not fit a backbone of depth {depth}")
+        self.check_width_and_blocks(depth, embed_dim, "reduce_blocks", self.reduce_blocks)
 
     def extra_repr(self) -> str:
         return (

@@ -438,11 +438,7 @@ class MergingReducer(TokenReducer):
                 )
 
     def check_backbone(self, depth: int, embed_dim: int) -> None:
-        name = type(self).__name__
-        if embed_dim != self.embed_dim:
-            raise ValueError(f"{name} was built for embed_dim={self.embed_dim}, the backbone has {embed_dim}")
-        if self.blocks is not None and self.blocks[-1] >= depth:
-            raise ValueError(f"{name} blocks {self.blocks} do not fit a backbone of depth {depth}")
+        self.check_width_and_blocks(depth, embed_dim, f"{type(self).__name__} blocks", self.blocks)
         self._check_budget_length(len(self.reducing_blocks(depth)))
 
     def reducing_blocks(self, depth: int) -> tuple[int, ...]:

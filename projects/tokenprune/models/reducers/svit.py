@@ -220,10 +220,7 @@ class SViTReducer(TokenReducer):
             raise ValueError(f"threshold_momentum must be in (0, 1], got {momentum}")
 
     def check_backbone(self, depth: int, embed_dim: int) -> None:
-        if embed_dim != self.embed_dim:
-            raise ValueError(f"SViTReducer was built for embed_dim={self.embed_dim}, the backbone has {embed_dim}")
-        if self.gated_blocks and self.gated_blocks[-1] >= depth:
-            raise ValueError(f"gated_blocks {self.gated_blocks} do not fit a backbone of depth {depth}")
+        self.check_width_and_blocks(depth, embed_dim, "gated_blocks", self.gated_blocks)
 
     def extra_repr(self) -> str:
         return (

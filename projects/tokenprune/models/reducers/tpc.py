@@ -216,10 +216,7 @@ class TPCReducer(TokenReducer):
         self.register_buffer("calibration_steps", torch.zeros(len(blocks), dtype=torch.long))
 
     def check_backbone(self, depth: int, embed_dim: int) -> None:
-        if embed_dim != self.embed_dim:
-            raise ValueError(f"TPCReducer was built for embed_dim={self.embed_dim}, the backbone has {embed_dim}")
-        if self.controlled_blocks and self.controlled_blocks[-1] >= depth:
-            raise ValueError(f"controlled_blocks {self.controlled_blocks} do not fit a backbone of depth {depth}")
+        self.check_width_and_blocks(depth, embed_dim, "controlled_blocks", self.controlled_blocks)
 
     def extra_repr(self) -> str:
         return (
