@@ -8,11 +8,10 @@ import torch
 from mmdet.registry import MODELS
 from mmengine.logging import print_log
 
-from ..errors import ConfigError
 from ..models import load_timm_vit
 from ..models.convert_official import is_official_layout, load_official, unwrap_checkpoint
-from ..models.reducers import build_reducer
 from ..models.vit_adapter import ViTAdapter
+from .backbone import init_backbone
 
 VIT_KEYS = ("blocks.", "patch_embed.", "pos_embed")
 
@@ -31,21 +30,7 @@ class TokenPruneViTAdapter(ViTAdapter):
     """
 
     def __init__(self, reducer: dict | None = None, init_cfg: dict | None = None, **kwargs) -> None:
-        if init_cfg is not None and (init_cfg.get("type") != "Pretrained" or "checkpoint" not in init_cfg):
-            raise ConfigError(
-                "TokenPruneViTAdapter init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), "
-                f"got {init_cfg}"
-            )
-        try:
-            super().__init__(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"invalid TokenPruneViTAdapter arguments: {e}") from e
-        reducer = build_reducer(reducer, self.embed_dim)
-        try:
-            self.set_reducer(reducer)
-        except ValueError as e:
-            raise ConfigError(f"the reducer does not fit this backbone: {e}") from e
-        self.init_cfg = init_cfg
+        init_backbone(self, super().__init__, reducer, init_cfg, kwargs)
 
     def init_weights(self) -> None:
         """Called by the runner before training: loads ``init_cfg``'s checkpoint, if any."""

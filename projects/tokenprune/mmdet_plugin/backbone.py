@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mmdet.registry import MODELS
 from mmengine.logging import print_log
 from torch import Tensor
@@ -9,6 +11,26 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models import SimpleFPN, ViT, load_timm_vit
 from ..models.reducers import build_reducer
+
+
+def init_backbone(
+    backbone: ViT, base_init: Callable[..., None], reducer: dict | None, init_cfg: dict | None, kwargs: dict
+) -> None:
+    """The constructor our MMDetection backbones share: check ``init_cfg``, build the torch model with
+    ``base_init(**kwargs)``, attach the reducer built from its config; a bad setting raises one ConfigError."""
+    name = type(backbone).__name__
+    if init_cfg is not None and (init_cfg.get("type") != "Pretrained" or "checkpoint" not in init_cfg):
+        raise ConfigError(f"{name} init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), got {init_cfg}")
+    try:
+        base_init(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid {name} arguments: {e}") from e
+    built = build_reducer(reducer, backbone.embed_dim)
+    try:
+        backbone.set_reducer(built)
+    except ValueError as e:
+        raise ConfigError(f"the reducer does not fit this backbone: {e}") from e
+    backbone.init_cfg = init_cfg
 
 
 @MODELS.register_module()
@@ -24,20 +46,7 @@ class TokenPruneViT(ViT):
     """
 
     def __init__(self, reducer: dict | None = None, init_cfg: dict | None = None, **kwargs) -> None:
-        if init_cfg is not None and (init_cfg.get("type") != "Pretrained" or "checkpoint" not in init_cfg):
-            raise ConfigError(
-                f"TokenPruneViT init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), got {init_cfg}"
-            )
-        try:
-            super().__init__(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"invalid TokenPruneViT arguments: {e}") from e
-        reducer = build_reducer(reducer, self.embed_dim)
-        try:
-            self.set_reducer(reducer)
-        except ValueError as e:
-            raise ConfigError(f"the reducer does not fit this backbone: {e}") from e
-        self.init_cfg = init_cfg
+        init_backbone(self, super().__init__, reducer, init_cfg, kwargs)
 
     def init_weights(self) -> None:
         """Called by the runner before training: loads ``init_cfg``'s checkpoint, if any."""
