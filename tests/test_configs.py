@@ -13,7 +13,8 @@ from mmengine.config import Config
 from mmengine.structures import InstanceData
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.py") if "_base_" not in p.parts)
+# detector configs: every file but the bases and the study files (tools/analysis_tools/study.py reads those)
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.py") if not {"_base_", "study"} & set(p.parts))
 
 register_all_modules()
 

@@ -96,9 +96,10 @@ def assert_batch_equals_singles(model: ViT, x: torch.Tensor) -> None:
     assert (batched - singles).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("gate", ["mlp", "local_global"])
 @pytest.mark.parametrize("inference", ["threshold", "fixed"])
-def test_batch_equals_one_at_a_time_eval(inference):
-    model = make_model(inference=inference)
+def test_batch_equals_one_at_a_time_eval(inference, gate):
+    model = make_model(inference=inference, gate=gate)
     calibrate(model)
     states = capture_states(model)
     assert_batch_equals_singles(model, images(3))
@@ -118,10 +119,18 @@ def test_batch_equals_one_at_a_time_train():
     assert ((kept > 0) & (kept < 1)).any()  # the gates pruned some tokens, not all
 
 
-@pytest.mark.parametrize("reactivation", [True, False])
-def test_train_masking_matches_eval_gathering(reactivation):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"reactivation": True},
+        {"reactivation": False},
+        {"reactivation": True, "gate": "local_global"},
+        {"reactivation": False, "keep_pruned": False},
+    ],
+)
+def test_train_masking_matches_eval_gathering(settings):
     # same decisions (p_keep >= 0.5) both ways: masking pruned keys == running the block on the kept tokens
-    model = make_model(reactivation=reactivation)
+    model = make_model(**settings)
     noise_free(model)
     with torch.no_grad():
         model.reducer.thresholds.fill_(0.5)
@@ -137,9 +146,17 @@ def test_train_masking_matches_eval_gathering(reactivation):
     assert (trained - inferred).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("reactivation", [True, False])
-def test_gradients_reach_every_gate(reactivation):
-    model = make_model(reactivation=reactivation).train()
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"reactivation": True},
+        {"reactivation": False},
+        {"gate": "local_global"},
+        {"keep_pruned": False, "reactivation": False},
+    ],
+)
+def test_gradients_reach_every_gate(settings):
+    model = make_model(**settings).train()
     out = model(images(2))
     # through the straight-through decision alone, then together with the ratio loss
     out.sum().backward(retain_graph=True)
@@ -306,7 +323,35 @@ def test_pruned_tokens_keep_last_value(cls_token):
     assert (got_patch[~never] - want_patch[~never]).abs().amax(-1).min() > 1e-3
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_discarded_tokens_are_zero_in_the_map(training):
+    # keep_pruned=False (finding 1's ablation): same decisions as keeping them, but a token pruned by the
+    # last gate is zero in the output tokens instead of carrying its last value
+    kept = make_model(reactivation=False, inference="fixed")
+    discarded = make_model(reactivation=False, inference="fixed", keep_pruned=False)
+    discarded.load_state_dict(kept.state_dict())
+    outputs = {}
+    for name, model in (("kept", kept), ("discarded", discarded)):
+        noise_free(model)
+        states, finish = capture_states(model), model.reducer.finish
+        model.reducer.finish = lambda x, state, finish=finish, name=name: outputs.setdefault(name, finish(x, state))
+        with torch.no_grad():
+            model.train(training)(images(2))
+        outputs[name + "_keep"] = states[0].keep_masks[GATED[-1]]
+    assert torch.equal(outputs["kept_keep"], outputs["discarded_keep"])
+    keep = outputs["kept_keep"]
+    assert keep.any() and not keep.all()
+    patch_kept, patch_discarded = outputs["kept"][:, 1:], outputs["discarded"][:, 1:]
+    assert (patch_discarded[~keep] == 0).all() and (patch_kept[~keep].abs().sum(-1) > 0).all()
+    assert torch.allclose(patch_discarded[keep], patch_kept[keep], atol=1e-6)
+    assert torch.allclose(outputs["discarded"][:, :1], outputs["kept"][:, :1], atol=1e-6)  # the CLS token
+
+
 def test_invalid_arguments():
+    with pytest.raises(ValueError, match="gate must be one of"):
+        SViTReducer(DIM, gate="attention")
+    with pytest.raises(ValueError, match="set reactivation=False"):
+        SViTReducer(DIM, keep_pruned=False)
     with pytest.raises(ValueError, match="one value per gated block"):
         SViTReducer(DIM, gated_blocks=(2, 3), keep_targets=(0.7,))
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):

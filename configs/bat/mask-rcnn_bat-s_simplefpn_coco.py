@@ -3,20 +3,12 @@
 # pairs (ceil(0.7 n) + 1 tokens handed on), tokens scored by the attention they receive (no class token).
 #   tools/dist_test.sh configs/bat/mask-rcnn_bat-s_simplefpn_coco.py \
 #       work_dirs/mask-rcnn_deit-s_simplefpn_3x_coco/epoch_36.pth 8
-_base_ = '../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py'
+_base_ = ['../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py', '../_base_/models/bat.py']
 
 load_from = 'work_dirs/mask-rcnn_deit-s_simplefpn_3x_coco/epoch_36.pth'
-bat_reducer = dict(
-    type='BAT',
-    blocks=[3, 6, 9],
-    keep_ratio=0.7,
-    cluster_ratio=0.1,
-    knn=5,
-    importance='mean',
-    prop_attn=False)
 model = dict(
     type='TokenPruneMaskRCNN',
     backbone=dict(
         init_cfg=None,  # all weights come from the dense checkpoint
-        reducer=bat_reducer))
-custom_hooks = [dict(type='TokenStatsHook')]
+        reducer={{_base_.bat_reducer}}))
+custom_hooks = {{_base_.bat_hooks}}

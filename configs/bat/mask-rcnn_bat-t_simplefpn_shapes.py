@@ -1,22 +1,13 @@
-# BAT (Long et al., "Beyond Attentive Tokens", CVPR 2023), training-free, on the main job's dense model and the
-# embedded shapes data. At blocks 3, 6, 9: the 0.7 most attentive patch tokens are kept, the inattentive ones
-# clustered by DPC-KNN (0.1 centres per inattentive token, k = 5) and merged, and as many homogeneous
-# attentive pairs merged as the clusters cost, so each block hands on ceil(0.7 n) + 1 tokens (EViT's count).
-# The detection ViT has no class token: tokens are scored by the attention they receive from all tokens
-# (importance='mean'); see docs/reducers/bat.md.
+# BAT on the main job's dense model and the embedded shapes data (settings in ../_base_/models/bat.py).
+# Training-free: evaluate the dense checkpoint with it switched on
 #   python tools/test.py configs/bat/mask-rcnn_bat-t_simplefpn_shapes.py work_dirs/demo/dense/iter_400.pth
-_base_ = '../dense/mask-rcnn_vit-t_simplefpn_shapes.py'
+# or fine-tune from it with the reducers' shapes schedule and evaluate the result:
+#   python tools/train.py configs/bat/mask-rcnn_bat-t_simplefpn_shapes.py --work-dir work_dirs/bat
+_base_ = ['../dense/mask-rcnn_vit-t_simplefpn_finetune_shapes.py', '../_base_/models/bat.py']
 
-load_from = '{{ fileDirname }}/../../work_dirs/demo/dense/iter_400.pth'
-bat_reducer = dict(
-    type='BAT',
-    blocks=[3, 6, 9],
-    keep_ratio=0.7,
-    cluster_ratio=0.1,
-    knn=5,
-    importance='mean',
-    prop_attn=False)
 model = dict(
     type='TokenPruneMaskRCNN',
-    backbone=dict(reducer=bat_reducer))
-custom_hooks = [dict(type='TokenStatsHook')]
+    backbone=dict(
+        reducer={{_base_.bat_reducer}}))
+
+custom_hooks = {{_base_.bat_hooks}}

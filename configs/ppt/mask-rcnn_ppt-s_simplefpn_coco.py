@@ -3,20 +3,12 @@
 # the attention they receive (the detection ViT has no class token; see docs/reducers/ppt.md).
 #   tools/dist_test.sh configs/ppt/mask-rcnn_ppt-s_simplefpn_coco.py \
 #       work_dirs/mask-rcnn_deit-s_simplefpn_3x_coco/epoch_36.pth 8
-_base_ = '../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py'
+_base_ = ['../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py', '../_base_/models/ppt.py']
 
 load_from = 'work_dirs/mask-rcnn_deit-s_simplefpn_3x_coco/epoch_36.pth'
-ppt_reducer = dict(
-    type='PPT',
-    blocks=[3, 6, 9],
-    keep_ratio=[146 / 196, 96 / 146, 48 / 96],
-    criterion='cv',
-    threshold=1.64,
-    importance='mean',
-    prop_attn=True)
 model = dict(
     type='TokenPruneMaskRCNN',
     backbone=dict(
         init_cfg=None,  # all weights come from the dense checkpoint
-        reducer=ppt_reducer))
-custom_hooks = [dict(type='TokenStatsHook')]
+        reducer={{_base_.ppt_reducer}}))
+custom_hooks = {{_base_.ppt_hooks}}

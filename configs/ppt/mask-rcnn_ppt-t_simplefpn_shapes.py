@@ -1,22 +1,13 @@
-# PPT (Wu et al., "PPT: Token Pruning and Pooling for Efficient Vision Transformers"), training-free, on the
-# main job's dense model and the embedded shapes data. At blocks 3, 6, 9 each image either prunes its
-# lowest-scored tokens or pools (bipartite merging) by a resolution-free redundancy test (coefficient of
-# variation of the scores below 1.64, the paper's DeiT-S threshold at 196 tokens); keep ratios 146/196,
-# 96/146, 48/96 (the paper's r = 50 schedule as fractions). The detection ViT has no class token, so tokens
-# are scored by the attention they receive from all tokens (importance='mean'); see docs/reducers/ppt.md.
+# PPT on the main job's dense model and the embedded shapes data (settings in ../_base_/models/ppt.py).
+# Training-free: evaluate the dense checkpoint with it switched on
 #   python tools/test.py configs/ppt/mask-rcnn_ppt-t_simplefpn_shapes.py work_dirs/demo/dense/iter_400.pth
-_base_ = '../dense/mask-rcnn_vit-t_simplefpn_shapes.py'
+# or fine-tune from it with the reducers' shapes schedule and evaluate the result:
+#   python tools/train.py configs/ppt/mask-rcnn_ppt-t_simplefpn_shapes.py --work-dir work_dirs/ppt
+_base_ = ['../dense/mask-rcnn_vit-t_simplefpn_finetune_shapes.py', '../_base_/models/ppt.py']
 
-load_from = '{{ fileDirname }}/../../work_dirs/demo/dense/iter_400.pth'
-ppt_reducer = dict(
-    type='PPT',
-    blocks=[3, 6, 9],
-    keep_ratio=[146 / 196, 96 / 146, 48 / 96],
-    criterion='cv',
-    threshold=1.64,
-    importance='mean',
-    prop_attn=True)
 model = dict(
     type='TokenPruneMaskRCNN',
-    backbone=dict(reducer=ppt_reducer))
-custom_hooks = [dict(type='TokenStatsHook')]
+    backbone=dict(
+        reducer={{_base_.ppt_reducer}}))
+
+custom_hooks = {{_base_.ppt_hooks}}

@@ -3,19 +3,11 @@
 # deterministic inference. Starts from the dense checkpoint (train it first, or let tools/demo.py do both):
 #   python tools/train.py configs/dense/mask-rcnn_vit-t_simplefpn_shapes.py --work-dir work_dirs/demo/dense
 #   python tools/train.py configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py --work-dir work_dirs/demo/svit
-_base_ = ['../dense/mask-rcnn_vit-t_simplefpn_shapes.py', '../_base_/models/svit.py']
+_base_ = ['../dense/mask-rcnn_vit-t_simplefpn_finetune_shapes.py', '../_base_/models/svit.py']
 
-load_from = '{{ fileDirname }}/../../work_dirs/demo/dense/iter_400.pth'
-max_iters = 150
 model = dict(
     type='TokenPruneMaskRCNN',
     backbone=dict(
         reducer={{_base_.svit_reducer}}))
 
-train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=20),
-    dict(type='CosineAnnealingLR', by_epoch=False, begin=20, end=max_iters, eta_min=1e-6),
-]
-optim_wrapper = dict(optimizer=dict(lr=1e-4, weight_decay=1e-6))
 custom_hooks = {{_base_.svit_hooks}}

@@ -2,13 +2,12 @@
 # 0.875 of its patch tokens by bipartite soft matching, proportional attention, exact unmerge.
 #   tools/dist_test.sh configs/tome/mask-rcnn_tome-s_simplefpn_coco.py \
 #       work_dirs/mask-rcnn_deit-s_simplefpn_3x_coco/epoch_36.pth 8
-_base_ = '../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py'
+_base_ = ['../dense/mask-rcnn_deit-s_simplefpn_3x_coco.py', '../_base_/models/tome.py']
 
 load_from = 'work_dirs/mask-rcnn_deit-s_simplefpn_3x_coco/epoch_36.pth'
-tome_reducer = dict(type='ToMe', blocks=None, keep_ratio=0.875, prop_attn=True)
 model = dict(
     type='TokenPruneMaskRCNN',
     backbone=dict(
         init_cfg=None,  # all weights come from the dense checkpoint
-        reducer=tome_reducer))
-custom_hooks = [dict(type='TokenStatsHook')]
+        reducer={{_base_.tome_reducer}}))
+custom_hooks = {{_base_.tome_hooks}}

@@ -1,14 +1,13 @@
-# ToMe (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023), training-free, on the main job's dense
-# model and the embedded shapes data: in every block, bipartite soft matching merges the most similar tokens
-# (each block keeps 0.875 of its patch tokens: 0.2 after 12 blocks, the final count of the paper's DeiT-S
-# r = 13), proportional attention; every merged token is copied back to all its positions (exact unmerge).
-# Evaluate the dense checkpoint with it (train the dense model first, or let tools/demo.py do it):
+# ToMe on the main job's dense model and the embedded shapes data (settings in ../_base_/models/tome.py).
+# Training-free: evaluate the dense checkpoint with it switched on
 #   python tools/test.py configs/tome/mask-rcnn_tome-t_simplefpn_shapes.py work_dirs/demo/dense/iter_400.pth
-_base_ = '../dense/mask-rcnn_vit-t_simplefpn_shapes.py'
+# or fine-tune from it with the reducers' shapes schedule and evaluate the result:
+#   python tools/train.py configs/tome/mask-rcnn_tome-t_simplefpn_shapes.py --work-dir work_dirs/tome
+_base_ = ['../dense/mask-rcnn_vit-t_simplefpn_finetune_shapes.py', '../_base_/models/tome.py']
 
-load_from = '{{ fileDirname }}/../../work_dirs/demo/dense/iter_400.pth'
-tome_reducer = dict(type='ToMe', blocks=None, keep_ratio=0.875, prop_attn=True)
 model = dict(
     type='TokenPruneMaskRCNN',
-    backbone=dict(reducer=tome_reducer))
-custom_hooks = [dict(type='TokenStatsHook')]
+    backbone=dict(
+        reducer={{_base_.tome_reducer}}))
+
+custom_hooks = {{_base_.tome_hooks}}

@@ -734,6 +734,7 @@ def detector_settings(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "seed": args.seed,
         "cfg_options": args.cfg_options,
+        "backbone_only": getattr(args, "backbone_only", False),
     }
 
 
@@ -748,19 +749,20 @@ def run_detector(args: argparse.Namespace) -> dict:
     results = []
     for batch in args.batch:
         data = detector_data(args, models, cfgs[0], batch)
-        whole = [predict_candidate(k, m, data[k], ctx) for k, m in models.items()]
-        backbones = [predict_candidate(k, m, data[k], ctx, backbone_only=True) for k, m in models.items()]
-        t_det = time_round_robin(whole, args.runs, args.warmup, timer)
-        t_bb = time_round_robin(backbones, args.runs, args.warmup, timer)
         n = len(data[reference])
-        det = speed_summary(t_det, reference, n, batch)
-        bb = speed_summary(t_bb, reference, n, batch)
+        if not args.backbone_only:
+            whole = [predict_candidate(k, m, data[k], ctx) for k, m in models.items()]
+            det = speed_summary(time_round_robin(whole, args.runs, args.warmup, timer), reference, n, batch)
+        backbones = [predict_candidate(k, m, data[k], ctx, backbone_only=True) for k, m in models.items()]
+        bb = speed_summary(time_round_robin(backbones, args.runs, args.warmup, timer), reference, n, batch)
         flops = detector_flops(models, data, ctx, reference)
         entries = {}
         for label in models:
             f = flops[label]
             entries[label] = {
-                "detector": {
+                "detector": None
+                if args.backbone_only
+                else {
                     **det[label],
                     "flop_bound": f["detector_flop_bound"],
                     "measured_over_bound": det[label]["speedup"] / f["detector_flop_bound"],
@@ -793,6 +795,8 @@ def print_detector_table(result: dict, args: argparse.Namespace) -> None:
         f"{torch.get_num_threads()} threads, {args.runs} runs after {args.warmup} warm-ups"
     )
     for part, macs_key in (("detector", "detector_macs"), ("backbone", "backbone_macs")):
+        if any(m[part] is None for m in result["models"].values()):
+            continue  # not timed (--backbone-only)
         rows = {label: {**m[part], "macs": m[macs_key]} for label, m in result["models"].items()}
         print_speed_rows(f"  {part}:", rows)
     print_keep_rates(result["models"])
@@ -855,6 +859,11 @@ def build_parser() -> argparse.ArgumentParser:
     det = sub.add_parser("detector", help="whole MMDetection detectors and their backbones")
     add_detector_model_args(det)
     add_common_args(det)
+    det.add_argument(
+        "--backbone-only",
+        action="store_true",
+        help="time the backbones only, not the whole detectors (FLOPs are still counted for both)",
+    )
     return parser
 
 

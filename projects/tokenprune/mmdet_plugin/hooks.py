@@ -15,6 +15,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from ..analysis import keep_rates
+from ..models.flops import dense_backbone_macs, macs_from_counts
 
 PER_IMAGE = "keep_rate_per_image.block"
 
@@ -38,7 +39,10 @@ class TokenStatsHook(Hook):
 
     - ``keep_rate/block{i}``: mean over images of the realised keep rate at block i,
     - ``keep_rate_std/block{i}``: its spread over images,
-    - ``keep_rate/mean``: mean over blocks and images.
+    - ``keep_rate/mean``: mean over blocks and images,
+    - ``flops/backbone_gmacs``: the backbone's multiply-accumulates per image (G), counted from the tokens
+      each block really ran (:mod:`tokenprune.models.flops`), with ``flops/dense_backbone_gmacs`` beside it,
+    - ``flops/flop_bound``: their ratio of means, the speed-up the backbone would reach if time followed MACs.
 
     mmengine's ``RuntimeInfoHook`` copies the metrics into the message hub before this hook sees them, so the
     hook also writes these into the message hub itself; otherwise ``LoggerHook`` would not see them.
@@ -54,6 +58,14 @@ class TokenStatsHook(Hook):
 
     def _reset(self) -> None:
         self.rates: dict[int, list[float]] = defaultdict(list)
+        self.macs: list[tuple[float, float]] = []  # (realised, dense) backbone MACs per image
+        self._input_hw: tuple[int, int] | None = None
+        self._stop_watching()
+
+    def _stop_watching(self) -> None:
+        if getattr(self, "_handle", None) is not None:
+            self._handle.remove()
+        self._handle = None
 
     @staticmethod
     def _per_image_rates(backbone) -> dict[int, torch.Tensor]:
@@ -66,10 +78,33 @@ class TokenStatsHook(Hook):
 
     @staticmethod
     def _record_tokens(runner) -> None:
-        """Token maps are the fallback source of keep rates: make the backbone keep them."""
+        """Token maps are the fallback source of keep rates and token counts that of MACs: make the backbone
+        keep them."""
         backbone = getattr(unwrap(runner.model), "backbone", None)
         if getattr(backbone, "reducer", None) is not None and hasattr(backbone, "record_tokens"):
             backbone.record_tokens = True
+
+    def _watch_input_size(self, runner) -> None:
+        """Remember the input size of every backbone forward (the MAC count needs it)."""
+        backbone = getattr(unwrap(runner.model), "backbone", None)
+        if backbone is None or not hasattr(backbone, "record_tokens"):
+            return
+
+        def remember(module, args):
+            self._input_hw = tuple(args[0].shape[-2:])
+
+        self._handle = backbone.register_forward_pre_hook(remember)
+
+    def _count_macs(self, backbone) -> None:
+        counts = getattr(backbone, "last_token_counts", None)
+        if counts is None or self._input_hw is None or not hasattr(backbone, "blocks"):
+            return
+        try:
+            real = macs_from_counts(backbone, counts, self._input_hw, backbone.last_extra_macs).total
+            dense = dense_backbone_macs(backbone, self._input_hw, counts.shape[1]).total
+        except (ValueError, AttributeError):  # a backbone whose blocks the counter does not know
+            return
+        self.macs.extend(zip(real.tolist(), dense.tolist()))
 
     def before_train(self, runner) -> None:
         self._record_tokens(runner)
@@ -85,18 +120,28 @@ class TokenStatsHook(Hook):
         runner.message_hub.update_scalar("train/keep_rate.mean", torch.stack(list(means.values())).mean().item())
 
     def _collect(self, runner) -> None:
-        for block, values in self._per_image_rates(getattr(unwrap(runner.model), "backbone", None)).items():
+        backbone = getattr(unwrap(runner.model), "backbone", None)
+        for block, values in self._per_image_rates(backbone).items():
             self.rates[block].extend(values.float().cpu().tolist())
+        self._count_macs(backbone)
 
     def _summarise(self, runner, metrics: dict | None, mode: str) -> None:
-        gathered = all_gather_object(dict(self.rates))
+        self._stop_watching()
+        gathered = all_gather_object((dict(self.rates), self.macs))
         rates: dict[int, list[float]] = defaultdict(list)
-        for part in gathered:
+        macs: list[tuple[float, float]] = []
+        for part, part_macs in gathered:
             for block, values in part.items():
                 rates[block].extend(values)
+            macs.extend(part_macs)
         if not rates or metrics is None:
             return
         summary = {}
+        if macs:
+            real, dense = (sum(column) / len(macs) for column in zip(*macs))
+            summary["flops/backbone_gmacs"] = real / 1e9
+            summary["flops/dense_backbone_gmacs"] = dense / 1e9
+            summary["flops/flop_bound"] = dense / real
         for block in sorted(rates):
             values = torch.tensor(rates[block])
             summary[f"keep_rate/block{block}"] = values.mean().item()
@@ -112,10 +157,12 @@ class TokenStatsHook(Hook):
     def before_val_epoch(self, runner) -> None:
         self._reset()
         self._record_tokens(runner)
+        self._watch_input_size(runner)
 
     def before_test_epoch(self, runner) -> None:
         self._reset()
         self._record_tokens(runner)
+        self._watch_input_size(runner)
 
     def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         self._collect(runner)

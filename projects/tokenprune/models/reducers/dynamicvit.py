@@ -39,9 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import TokenReducer, dense_token_counts, keep_masks_to_token_maps
+from .gates import KEEP, LocalGlobalGate
 from .svit import topk_mask, with_prefix
-
-KEEP = 0  # the predictor's class index of "keep"
 
 
 def fixed_keep_count(ratio: float, n: int, min_keep: int = 1) -> int:
@@ -67,38 +66,7 @@ def force_min_keep(d: Tensor, scores: Tensor, min_keep: int) -> Tensor:
     return d + (1.0 - d).detach() * force
 
 
-class DynamicViTPredictor(nn.Module):
-    """DynamicViT's local+global prediction module (PredictorLG of the official code).
-
-    Args:
-        dim: Token channels C (even).
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
-        self.out_conv = nn.Sequential(
-            nn.Linear(dim, dim // 2),
-            nn.GELU(),
-            nn.Linear(dim // 2, dim // 4),
-            nn.GELU(),
-            nn.Linear(dim // 4, 2),
-            nn.LogSoftmax(dim=-1),
-        )
-
-    def forward(self, x: Tensor, policy: Tensor) -> Tensor:
-        """Tokens (B, N, C) and their policy (B, N) (1 = kept; may carry gradients) -> (B, N, 2)
-        log-probabilities of (keep, prune)."""
-        x = self.in_conv(x)
-        C = x.shape[-1]
-        w = policy.unsqueeze(-1)
-        global_x = (x[..., C // 2 :] * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)
-        return self.out_conv(torch.cat([x[..., : C // 2], global_x.expand_as(x[..., C // 2 :])], dim=-1))
-
-    def macs_per_token(self) -> int:
-        """Multiply-accumulates of the linear layers for one token."""
-        layers = [m for m in self.modules() if isinstance(m, nn.Linear)]
-        return sum(m.in_features * m.out_features for m in layers)
+DynamicViTPredictor = LocalGlobalGate  # the predictor (PredictorLG of the official code)
 
 
 def block_with_policy(block: nn.Module, x: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:

@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import TokenReducer, dense_token_counts, keep_masks_to_token_maps
-
-KEEP = 0  # the gate's class index of "keep"
+from .gates import GATES, KEEP, MLPGate
 
 DEFAULT_GATED_BLOCKS = tuple(range(3, 12))
 DEFAULT_KEEP_TARGETS = (0.7,) * 3 + (0.49,) * 3 + (0.343,) * 3
@@ -102,23 +101,7 @@ def svit_ratio_loss(fractions: Tensor, targets: Tensor, mode: str = "batch") -> 
     return ((fractions - targets[:, None]) ** 2).mean()
 
 
-class SViTGate(nn.Module):
-    """SViT's gate: LayerNorm -> Linear(C, C/4) -> GELU -> Linear(C/4, 2) -> log-softmax, class 0 = keep.
-
-    Args:
-        dim: Token channels C.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, dim // 4)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(dim // 4, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Tokens (B, N, C) -> log-probabilities (B, N, 2) of (keep, prune)."""
-        return F.log_softmax(self.fc2(self.act(self.fc1(self.norm(x)))), dim=-1)
+SViTGate = MLPGate  # SViT's 2-layer MLP gate
 
 
 @dataclass
@@ -163,6 +146,12 @@ class SViTReducer(TokenReducer):
         inference: ``'threshold'`` (p_keep against the calibrated per-block threshold) or ``'fixed'`` (exactly
             ceil(target * N) top-scored tokens per image).
         threshold_momentum: EMA momentum of the threshold calibration, in (0, 1].
+        gate: ``'mlp'`` (the paper's 2-layer MLP on the token's own feature) or ``'local_global'``
+            (DynamicViT's heavier predictor, which adds the mean feature of the tokens the previous gate kept;
+            for the paper's finding 4).
+        keep_pruned: True (the paper's): a pruned token keeps its last value in the output map. False discards
+            it as classification pruning does: zero in the output map and never reactivated (needs
+            ``reactivation=False``; for the paper's finding 1).
     """
 
     def __init__(
@@ -177,10 +166,16 @@ class SViTReducer(TokenReducer):
         tau: float = 1.0,
         inference: str = "threshold",
         threshold_momentum: float = 0.1,
+        gate: str = "mlp",
+        keep_pruned: bool = True,
     ) -> None:
         super().__init__()
         gated_blocks, keep_targets = tuple(int(b) for b in gated_blocks), tuple(float(t) for t in keep_targets)
         self._check_args(gated_blocks, keep_targets, ratio_loss, min_keep, tau, inference, threshold_momentum)
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {sorted(GATES)}, got {gate!r}")
+        if not keep_pruned and reactivation:
+            raise ValueError("keep_pruned=False discards pruned tokens, which cannot come back: set reactivation=False")
         self.embed_dim = embed_dim
         self.gated_blocks = gated_blocks
         self.keep_targets = keep_targets
@@ -191,9 +186,11 @@ class SViTReducer(TokenReducer):
         self.tau = tau
         self.inference = inference
         self.threshold_momentum = threshold_momentum
+        self.gate = gate
+        self.keep_pruned = keep_pruned
         self.calibrating = False
         self.gate_index = {block: i for i, block in enumerate(gated_blocks)}
-        self.gates = nn.ModuleList(SViTGate(embed_dim) for _ in gated_blocks)
+        self.gates = nn.ModuleList(GATES[gate](embed_dim) for _ in gated_blocks)
         self.register_buffer("thresholds", torch.zeros(len(gated_blocks)))
         self.register_buffer("calibration_steps", torch.zeros(len(gated_blocks), dtype=torch.long))
 
@@ -225,7 +222,8 @@ class SViTReducer(TokenReducer):
     def extra_repr(self) -> str:
         return (
             f"gated_blocks={self.gated_blocks}, keep_targets={self.keep_targets}, inference={self.inference!r}, "
-            f"reactivation={self.reactivation}, ratio_loss={self.ratio_loss!r}"
+            f"reactivation={self.reactivation}, ratio_loss={self.ratio_loss!r}, gate={self.gate!r}, "
+            f"keep_pruned={self.keep_pruned}"
         )
 
     def reset_thresholds(self) -> None:
@@ -247,7 +245,12 @@ class SViTReducer(TokenReducer):
         return self._run_gated_eval(g, block, x, state)
 
     def finish(self, x: Tensor, state: SViTState) -> Tensor:
-        return x  # pruned tokens were never removed from x
+        if self.keep_pruned or state.keep is None:
+            return x  # pruned tokens were never removed from x
+        # discarded tokens: zero in the map (in training through the straight-through decision, so the gates
+        # learn what discarding costs)
+        keep = with_prefix(state.keep.to(x.dtype), state.num_prefix, 1.0).unsqueeze(-1)
+        return x * keep
 
     def aux_losses(self, state: SViTState) -> dict[str, Tensor]:
         if not state.keep_fractions:
@@ -278,9 +281,8 @@ class SViTReducer(TokenReducer):
         return counts
 
     def extra_macs(self, state: SViTState) -> float:
-        """The gates: Linear(C, C/4) and Linear(C/4, 2) over every patch token, at every gated block."""
-        c = self.embed_dim
-        return float(len(state.keep_masks) * state.hw[0] * state.hw[1] * (c * (c // 4) + (c // 4) * 2))
+        """The gates' linear layers over every patch token, at every gated block."""
+        return float(len(state.keep_masks) * state.hw[0] * state.hw[1] * self.gates[0].macs_per_token())
 
     def token_maps(self, state: SViTState) -> dict[int, Tensor]:
         """Kept positions carry their own index, pruned ones ``PRUNED``."""
@@ -291,7 +293,7 @@ class SViTReducer(TokenReducer):
     def _run_gated_train(self, g: int, block: nn.Module, x: Tensor, state: SViTState) -> Tensor:
         """Gumbel decision, keys masked, ``d * block(x) + (1 - d) * x``; x stays (B, N, C)."""
         P = state.num_prefix
-        log_p = self.gates[g](x[:, P:])
+        log_p = self._gate(g, x, state)
         d = self.sample_keep(log_p)
         p_keep = self._allowed_scores(log_p[..., KEEP].exp(), state)
         if not self.reactivation and state.keep is not None:
@@ -311,7 +313,7 @@ class SViTReducer(TokenReducer):
     def _run_gated_eval(self, g: int, block: nn.Module, x: Tensor, state: SViTState) -> Tensor:
         """Deterministic decision, block run on the kept tokens only; x stays (B, N, C)."""
         P = state.num_prefix
-        p_keep = self._allowed_scores(self.gates[g](x[:, P:])[..., KEEP].exp(), state)
+        p_keep = self._allowed_scores(self._gate(g, x, state)[..., KEEP].exp(), state)
         if self.calibrating:
             self._update_threshold(g, p_keep)
         keep = self._decide(g, p_keep)
@@ -319,6 +321,12 @@ class SViTReducer(TokenReducer):
             keep &= state.keep
         self._record(g, keep, state)
         return run_on_kept(block, x, with_prefix(keep, P, True))
+
+    def _gate(self, g: int, x: Tensor, state: SViTState) -> Tensor:
+        """Gate ``g``'s (keep, prune) log-probabilities (B, Np, 2) of the patch tokens; a policy-aware gate sees
+        the previous gate's decision (all tokens before the first)."""
+        policy = None if state.keep is None else state.keep.to(x.dtype)
+        return self.gates[g](x[:, state.num_prefix :], policy)
 
     def _allowed_scores(self, p_keep: Tensor, state: SViTState) -> Tensor:
         """(B, Np) p_keep, set to -1 where a token may not be kept (pruned earlier, without reactivation)."""
