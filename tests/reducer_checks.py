@@ -82,13 +82,16 @@ def assert_zero_budget_is_dense(model: ViT, training: bool) -> None:
 @torch.no_grad()
 def assert_restored_from_tokens(model: ViT, x: torch.Tensor) -> dict:
     """Every position of the output holds the final token carrying it (identical at all positions of a merged
-    token), or its frozen value if dropped; some tokens were merged. Returns the group sizes seen."""
+    token), or its frozen value if dropped or pinned (a merging reducer's ``restore='last'``); some tokens were
+    merged. Returns the group sizes seen (over the positions restored from their tokens)."""
     states = capture_states(model)
     tokens, _ = model.forward_features(x)
     state = states[-1]
     pre_norm = model.norm  # the backbone normalises finish()'s output
     source, final = state.source, state.finish_input
     alive = source >= 0
+    if getattr(state, "pinned", None) is not None:
+        alive = alive & ~state.pinned
     expect = pre_norm(final.gather(1, source.clamp(min=0).unsqueeze(-1).expand(-1, -1, DIM)))
     assert torch.equal(tokens[alive], expect[alive])
     if (~alive).any():

@@ -44,10 +44,32 @@ def test_zero_budget_equals_dense(cls_token, training):
 
 @pytest.mark.parametrize("cls_token", [True, False])
 def test_merged_tokens_are_restored_to_every_source(cls_token):
-    model = make_model(cls_token).eval()
+    model = make_model(cls_token, restore="merged").eval()
     states = capture_states(model)
     assert_restored_from_tokens(model, images(2))
-    assert states[0].frozen is None  # BAT merges, it never drops
+    assert states[0].frozen is None and states[0].pinned is None  # BAT merges, it never drops
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_clustered_positions_keep_their_value_from_before_the_cluster(cls_token):
+    # restore='last' (default): matched attentive pairs are copied back to their positions, while a position
+    # merged into a cluster keeps the value it had entering the block that clustered it
+    model = make_model(cls_token, blocks=(2,), keep_ratio=0.5).eval()
+    states = capture_states(model)
+    entering = []
+    model.blocks[1].register_forward_hook(lambda m, args, out: entering.append(out))  # block 2's input
+    sizes = assert_restored_from_tokens(model, images(2))
+    assert max(sizes) >= 2  # attentive pairs were merged and copied back
+    state, P = states[0], int(cls_token)
+    pinned = state.pinned
+    k, clusters, _ = bat_plan(N, 0.5, 0.3)
+    assert (pinned[:, :P] == 0).all() and (pinned.sum(1) == N - k).all()  # exactly the inattentive positions
+    tokens, _ = model.forward_features(images(2))
+    assert torch.equal(tokens[pinned], model.norm(entering[-1])[pinned])
+    merged = make_model(cls_token, blocks=(2,), keep_ratio=0.5, restore="merged").eval()
+    merged.load_state_dict(model.state_dict())
+    other, _ = merged.forward_features(images(2))
+    assert torch.equal(other[~pinned], tokens[~pinned]) and not torch.allclose(other[pinned], tokens[pinned])
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -124,8 +146,8 @@ def test_attentive_tokens_pair_and_inattentive_tokens_cluster():
 
 def test_merged_value_is_the_importance_weighted_mean():
     # BAT at the last block: each final token is the importance-weighted mean of its members' values after
-    # attention, then the MLP, and it lands at all its members
-    model = make_model(blocks=(DEPTH - 1,), keep_ratio=0.4).eval()
+    # attention, then the MLP, and it lands at all its members (restore='merged': clusters too)
+    model = make_model(blocks=(DEPTH - 1,), keep_ratio=0.4, restore="merged").eval()
     states = capture_states(model)
     x = images(1)
     with torch.no_grad():
@@ -157,6 +179,8 @@ def test_invalid_arguments():
         BATReducer(DIM, knn=0)
     with pytest.raises(ValueError, match="importance"):
         BATReducer(DIM, importance="max")
+    with pytest.raises(ValueError, match="restore"):
+        BATReducer(DIM, restore="fused")
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         BATReducer(DIM, keep_ratio=1.2)
     with pytest.raises(ValueError, match="depth 6"):

@@ -154,6 +154,54 @@ def test_detector_benchmark_on_tiny_configs(tmp_path):
     assert svit["keep_rate"] == [1.0] + [math.ceil(t * 24) / 24 for t in (0.7, 0.5, 0.3)]
     assert svit["backbone"]["flop_bound"] > svit["detector"]["flop_bound"] > 1.0
     assert svit["rest_macs_by_part"]["neck"] == dense["rest_macs_by_part"]["neck"]
+    # random weights: the heads' workload is fixed, so both models' heads do the same work
+    assert result["settings"]["head_work"] == "fixed" and r["head_work_warning"] is None
+    for part in ("rpn_head", "roi_head"):
+        assert svit["rest_macs_by_part"][part] == pytest.approx(dense["rest_macs_by_part"][part], rel=1e-9)
+
+
+def test_fixed_head_work_gives_every_image_the_same_proposals_and_detections(tmp_path):
+    from mmdet.registry import MODELS
+    from mmdet.structures import DetDataSample
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    import tokenprune  # noqa: F401
+
+    dense_cfg, _ = tiny_detector_configs(tmp_path)
+    rois, dets = {}, {}
+    for mode in ("configured", "fixed"):
+        cfg = Config.fromfile(dense_cfg)
+        cfg.model.test_cfg.rpn.update(nms_pre=4000, max_per_img=2000)  # more proposals than NMS lets through
+        if mode == "fixed":
+            benchmark.fix_head_work(cfg.model)
+        init_default_scope("mmdet")
+        torch.manual_seed(0)
+        model = MODELS.build(cfg.model).eval()
+        seen = []
+        model.roi_head.bbox_roi_extractor.register_forward_hook(lambda m, i, o, seen=seen: seen.append(i[1].shape[0]))
+        images = [torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8) for _ in range(2)]
+        meta = {"img_shape": (96, 96), "ori_shape": (96, 96), "scale_factor": (1.0, 1.0)}
+        samples = [DetDataSample(metainfo=dict(meta)) for _ in images]
+        data = model.data_preprocessor({"inputs": images, "data_samples": samples})
+        with torch.no_grad():
+            preds = model(data["inputs"], data["data_samples"], mode="predict")
+        rois[mode], dets[mode] = seen[0], [len(p.pred_instances) for p in preds]
+    assert rois["fixed"] == 2 * 2000  # every image hands on all its proposals
+    assert dets["fixed"] == [Config.fromfile(dense_cfg).model.test_cfg.rcnn.max_per_img] * 2
+    assert rois["configured"] < rois["fixed"]  # NMS removes a random RPN's overlapping proposals
+
+
+def test_head_work_warning_names_the_models():
+    same = {k: {"rest_macs_by_part": {"roi_head": 5e9}} for k in ("dense", "svit")}
+    assert benchmark.head_work_note(same) is None
+    differ = {"dense": {"rest_macs_by_part": {"roi_head": 5e9}}, "svit": {"rest_macs_by_part": {"roi_head": 2e9}}}
+    note = benchmark.head_work_note(differ)
+    assert note.startswith("WARNING") and "dense 5.00" in note and "svit 2.00" in note
+    assert benchmark.resolve_head_work("auto", ["a.pth", None]) == "fixed"
+    assert benchmark.resolve_head_work("auto", ["a.pth", "b.pth"]) == "configured"
+    with pytest.raises(ValueError, match="two-stage"):
+        benchmark.fix_head_work({"test_cfg": {}})
 
 
 def test_get_flops_detector_on_dataset_images(tmp_path):

@@ -591,6 +591,54 @@ def print_backbone_table(result: dict, args: argparse.Namespace) -> None:
 # detector mode (MMDetection)
 
 
+HEAD_WORK_FIXED = (
+    "fixed: RPN NMS off (every image hands its max_per_img proposals to the RoI head), RoI score threshold 0 "
+    "and NMS off (every image keeps max_per_img detections for the mask head)"
+)
+HEAD_WORK_CONFIGURED = "as configured: the heads' proposals and detections follow each model's predictions"
+
+
+def resolve_head_work(mode: str, checkpoints: Sequence[str | None]) -> str:
+    """``auto``: ``fixed`` unless every model has a trained checkpoint (random models predict different
+    numbers of boxes, so their heads would do different work), else ``configured``."""
+    if mode not in ("auto", "fixed", "configured"):
+        raise ValueError(f"--head-work must be auto, fixed or configured, got {mode!r}")
+    if mode == "auto":
+        return "configured" if all(c is not None for c in checkpoints) else "fixed"
+    return mode
+
+
+def fix_head_work(model_cfg) -> None:
+    """Make a two-stage detector's heads do the same work whatever its weights: the RPN hands on exactly its
+    ``max_per_img`` top-scored proposals (NMS off), the RoI head keeps exactly its ``max_per_img`` detections
+    (score threshold 0, NMS off), and the mask head runs on all of them."""
+    test_cfg = model_cfg.get("test_cfg") or {}
+    rpn, rcnn = test_cfg.get("rpn"), test_cfg.get("rcnn")
+    if rpn is None or rcnn is None:
+        raise ValueError(
+            "--head-work fixed needs a two-stage detector with model.test_cfg.rpn and model.test_cfg.rcnn "
+            "(e.g. Mask R-CNN); use --head-work configured with trained checkpoints instead"
+        )
+    no_nms = dict(type="nms", iou_threshold=1.0)  # suppresses only boxes with IoU > 1: none
+    rpn.update(nms=no_nms, min_bbox_size=-1.0)
+    rcnn.update(score_thr=0.0, nms=no_nms)
+
+
+def head_work_note(flops: dict[str, dict], tolerance: float = 0.01) -> str | None:
+    """A warning when the models' neck-and-head MACs per image differ by more than ``tolerance``: their heads
+    processed different numbers of proposals or detections, so the whole-detector speed-ups mix backbone
+    and head work. None when they agree."""
+    heads = {label: f["rest_macs_by_part"].get("roi_head", 0.0) for label, f in flops.items()}
+    low, high = min(heads.values()), max(heads.values())
+    if high <= 0 or (high - low) / high <= tolerance:
+        return None
+    parts = ", ".join(f"{label} {v / 1e9:.2f}" for label, v in heads.items())
+    return (
+        f"WARNING: the models' RoI heads did different work (GMACs per image: {parts}), so their whole-detector "
+        "speed-ups are not comparable; use --head-work fixed, or trained checkpoints of comparable detectors"
+    )
+
+
 def build_detectors(args: argparse.Namespace) -> tuple[dict[str, nn.Module], list]:
     """The detectors of ``args.configs`` in eval mode on the device, labelled by config name, and the configs."""
     from mmdet.registry import MODELS
@@ -606,11 +654,14 @@ def build_detectors(args: argparse.Namespace) -> tuple[dict[str, nn.Module], lis
             f"got {len(args.checkpoints)}"
         )
     checkpoints = [None if c in (None, "none") else c for c in (args.checkpoints or [None] * len(args.configs))]
+    args.head_work = resolve_head_work(getattr(args, "head_work", "auto"), checkpoints)
     labels = [osp.splitext(osp.basename(c))[0] for c in args.configs]
     labels = [f"{lab}#{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
     cfgs, models = [], {}
     for i, (path, ckpt, label) in enumerate(zip(args.configs, checkpoints, labels)):
         cfg = load_config(path, args.cfg_options)
+        if args.head_work == "fixed":
+            fix_head_work(cfg.model)
         init_default_scope(cfg.get("default_scope", "mmdet"))
         torch.manual_seed(args.seed)
         model = MODELS.build(cfg.model)
@@ -735,6 +786,7 @@ def detector_settings(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "cfg_options": args.cfg_options,
         "backbone_only": getattr(args, "backbone_only", False),
+        "head_work": getattr(args, "head_work", "auto"),
     }
 
 
@@ -742,6 +794,7 @@ def run_detector(args: argparse.Namespace) -> dict:
     device = setup_device(args)
     settings = detector_settings(args)
     models, cfgs = build_detectors(args)
+    settings["head_work"] = args.head_work
     ctx = lambda: autocast(device, args.amp)  # noqa: E731
     env = environment(device, args.amp)
     timer = Timer(device)
@@ -775,8 +828,19 @@ def run_detector(args: argparse.Namespace) -> dict:
                 **{k: v for k, v in f.items() if k not in ("flop_bound", "detector_flop_bound")},
             }
         shapes = sorted({tuple(d["inputs"].shape[-2:]) for d in data[reference]})
-        results.append({"batch": batch, "num_batches": n, "input_hw": [list(s) for s in shapes], "models": entries})
+        warning = head_work_note(flops)
+        results.append(
+            {
+                "batch": batch,
+                "num_batches": n,
+                "input_hw": [list(s) for s in shapes],
+                "head_work_warning": warning,
+                "models": entries,
+            }
+        )
         print_detector_table(results[-1], args)
+        if warning:
+            print(warning)
     finish_environment(env)
     return {
         "tool": "benchmark",
@@ -794,6 +858,7 @@ def print_detector_table(result: dict, args: argparse.Namespace) -> None:
         f"\nbatch {result['batch']} x {result['num_batches']} batch(es), padded input {shapes}, "
         f"{torch.get_num_threads()} threads, {args.runs} runs after {args.warmup} warm-ups"
     )
+    print(f"  head workload: {HEAD_WORK_FIXED if args.head_work == 'fixed' else HEAD_WORK_CONFIGURED}")
     for part, macs_key in (("detector", "detector_macs"), ("backbone", "backbone_macs")):
         if any(m[part] is None for m in result["models"].values()):
             continue  # not timed (--backbone-only)
@@ -834,6 +899,15 @@ def add_detector_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", action="store_true", help="the first config's test images instead")
     parser.add_argument("--num-images", type=int, default=8, help="with --dataset: images per run (default 8)")
     parser.add_argument("--cfg-options", nargs="+", default=None, help="key=value overrides for every config")
+    parser.add_argument(
+        "--head-work",
+        default="auto",
+        choices=["auto", "fixed", "configured"],
+        help="fixed: every model's RPN and RoI heads process the same number of proposals and detections "
+        "(NMS off, score threshold 0), so whole-detector times compare backbones doing the same head work; "
+        "configured: the configs' test_cfg (trained checkpoints); auto (default): fixed unless every model "
+        "has a checkpoint",
+    )
 
 
 def add_common_args(parser: argparse.ArgumentParser, timing: bool = True) -> None:

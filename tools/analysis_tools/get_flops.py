@@ -87,6 +87,7 @@ def run_detector(args: argparse.Namespace) -> dict:
     device = bench.setup_device(args)
     settings = bench.detector_settings(args)
     detectors, cfgs = bench.build_detectors(args)
+    settings["head_work"] = args.head_work
     ctx = lambda: bench.autocast(device, args.amp)  # noqa: E731
     reference = next(iter(detectors))
     results = []

@@ -263,7 +263,10 @@ class MergeState:
         source: (B, N) long, for every original position (prefix first), the index of the current token
             carrying it, or -1 once it was dropped.
         size: (B, M) float, number of original positions each current token carries.
-        frozen: (B, N, C) values of dropped positions, as they left; None while nothing was dropped.
+        frozen: (B, N, C) values of dropped and pinned positions, as they left or were pinned; None while
+            nothing was dropped or pinned.
+        pinned: (B, N) bool, positions still carried by a token (for attention) whose output value is their
+            own frozen one instead of their token's (see :meth:`pin`); None while nothing was pinned.
         previous_source: ``source`` before the last :meth:`apply`.
         merged: Whether any token carries more than one position (sizes not all 1).
         counts: Block index -> tokens (prefix included) the block received, the same for every image.
@@ -279,6 +282,7 @@ class MergeState:
     size: Tensor
     extra_macs: Tensor
     frozen: Tensor | None = None
+    pinned: Tensor | None = None
     previous_source: Tensor | None = None
     merged: bool = False
     counts: dict[int, int] = field(default_factory=dict)
@@ -347,14 +351,34 @@ class MergeState:
             self.frozen = torch.zeros_like(last)
         self.frozen = torch.where(dropped.unsqueeze(-1), last, self.frozen)
 
+    def pin(self, positions: Tensor, values: Tensor) -> None:
+        """Let ``positions`` keep their current value in the output map, while their tokens still travel on
+        (merged) for the attention of later blocks. A position pinned once stays pinned.
+
+        Args:
+            positions: (B, N) bool, positions to pin now (already pinned ones keep their earlier value).
+            values: (B, M, C) the tokens carrying the positions before the last :meth:`apply` (e.g. the
+                block's input).
+        """
+        new = positions if self.pinned is None else positions & ~self.pinned
+        if not bool(new.any()):
+            return
+        C = values.shape[-1]
+        last = values.gather(1, self.previous_source.clamp(min=0).unsqueeze(-1).expand(-1, -1, C))
+        self.frozen = torch.where(new.unsqueeze(-1), last, last if self.frozen is None else self.frozen)
+        self.pinned = new if self.pinned is None else self.pinned | new
+
     def restore(self, x: Tensor) -> Tensor:
         """Current tokens (B, M, C) -> all positions (B, N, C): every token at each of its source positions,
-        dropped positions with their frozen values."""
+        dropped and pinned positions with their frozen values."""
         C = x.shape[-1]
         out = x.gather(1, self.source.clamp(min=0).unsqueeze(-1).expand(-1, -1, C))
         if self.frozen is None:
             return out
-        return torch.where((self.source >= 0).unsqueeze(-1), out, self.frozen.to(out.dtype))
+        own = self.source >= 0
+        if self.pinned is not None:
+            own = own & ~self.pinned
+        return torch.where(own.unsqueeze(-1), out, self.frozen.to(out.dtype))
 
 
 def token_ids(source: Tensor, num_prefix: int) -> Tensor:
