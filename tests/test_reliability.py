@@ -7,6 +7,7 @@ tests/test_reliability_tools.py; docs/reliability.md lists every case and its te
 
 import functools
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -21,11 +22,14 @@ from mmengine.runner.checkpoint import _load_checkpoint
 import tokenprune  # noqa: F401  (registers the models and installs the safe loader)
 from tokenprune.data import make_shapes_dataset
 from tokenprune.errors import ConfigError, DatasetError
+from tokenprune.mmdet_plugin import cli
 from tokenprune.mmdet_plugin.cli import (
     add_reliability_hooks,
+    apply_resume,
     check_config,
     latest_checkpoint,
     load_config,
+    training_loaders,
     user_message,
 )
 from tokenprune.mmdet_plugin.datasets import image_read_error
@@ -40,7 +44,8 @@ from tokenprune.models import SViTReducer, ViT
 from tokenprune.models.reducers import REDUCERS, build_reducer
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.py") if "_base_" not in p.parts)
+# detector configs (configs/study/ holds study files, which list detector configs)
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.py") if not {"_base_", "study"} & set(p.parts))
 SHAPES_CFG = ROOT / "configs/dense/mask-rcnn_vit-t_simplefpn_shapes.py"
 SVIT_CFG = ROOT / "configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py"
 
@@ -288,6 +293,20 @@ def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path):
     assert latest_checkpoint(str(tmp_path / "nothing")) is None
 
 
+def test_resume_path_that_does_not_exist(tmp_path):
+    cfg = load_config(str(SHAPES_CFG), work_dir=str(tmp_path / "work"))
+    with pytest.raises(ConfigError) as info:
+        apply_resume(cfg, str(tmp_path / "iter_8.pth"))
+    assert str(info.value) == (
+        f"--resume {tmp_path}/iter_8.pth: checkpoint not found. Give the path of a checkpoint written by an earlier "
+        "run of this config, or --resume without a path to continue from the latest checkpoint in the work dir "
+        f"({tmp_path}/work)"
+    )
+    save_tiny(tmp_path / "iter_2.pth", 2)
+    apply_resume(cfg, str(tmp_path / "iter_2.pth"))
+    assert cfg.resume is True and cfg.load_from == str(tmp_path / "iter_2.pth")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. The reliability hooks are active in every config
 
@@ -393,6 +412,124 @@ def test_heads_predicting_another_number_of_classes(tmp_path, shapes_root):
     root = user_data(tmp_path, shapes_root)
     with pytest.raises(ConfigError, match=r"bbox_head.num_classes=80 but the dataset has 3 classes"):
         check_user_config(root, model__roi_head__bbox_head__num_classes=80)
+
+
+def no_images(a):
+    return {**a, "images": [], "annotations": []}
+
+
+def no_annotations(a):
+    return {**a, "annotations": []}
+
+
+def test_training_file_without_images(tmp_path, shapes_root):
+    root = user_data(tmp_path, shapes_root, ann=no_images)
+    with pytest.raises(DatasetError) as info:
+        check_user_config(root)
+    assert str(info.value) == (
+        f"annotation file {root}/ann.json lists no images: there is nothing to train on. Point the dataset's "
+        "ann_file at a file that lists the images (and their annotations)"
+    )
+
+
+def test_training_file_without_annotations(tmp_path, shapes_root):
+    root = user_data(tmp_path, shapes_root, ann=no_annotations)
+    with pytest.raises(DatasetError) as info:
+        check_user_config(root)
+    assert str(info.value) == (
+        f"annotation file {root}/ann.json lists 4 images but no annotations: there is nothing to train on (images "
+        "without objects are left out of training). Point train_dataloader.dataset.ann_file at the annotated "
+        "training file"
+    )
+
+
+def check_user_val(root: Path, loader: str = "val_dataloader", **kwargs) -> None:
+    """check_config of the shapes config evaluated on the user's data (the training split's images)."""
+    evaluator = loader.replace("dataloader", "evaluator")
+    cfg = load_config(
+        str(SHAPES_CFG),
+        {
+            f"{loader}.dataset.generate": None,
+            f"{loader}.dataset.data_root": f"{root}/",
+            f"{loader}.dataset.ann_file": "ann.json",
+            f"{loader}.dataset.data_prefix": dict(img="train/"),
+            f"{evaluator}.ann_file": f"{root}/ann.json",
+        },
+    )
+    check_config(cfg, loaders=(loader,), **kwargs)
+
+
+def test_validation_file_without_images(tmp_path, shapes_root):
+    root = user_data(tmp_path, shapes_root, ann=no_images)
+    with pytest.raises(DatasetError, match=r"ann.json lists no images: there is nothing to evaluate\. Point"):
+        check_user_val(root)
+
+
+def test_evaluation_file_with_images_but_no_annotations(tmp_path, shapes_root, monkeypatch):
+    root = user_data(tmp_path, shapes_root, ann=no_annotations)
+    problem = (
+        f"annotation file {root}/ann.json lists 4 images but no annotations: every COCO metric would be -1.000, as "
+        "there is nothing to compare the predictions with"
+    )
+    with pytest.raises(DatasetError) as info:  # tools/test.py without --out / --show-dir: the metrics are all
+        check_user_val(root, "test_dataloader", unannotated="error")
+    assert str(info.value) == (
+        f"{problem}. Evaluate against an annotated file (test_evaluator.ann_file), or, to keep the predictions "
+        "only, pass --out preds.pkl or --show-dir DIR, which run without metrics to compare"
+    )
+    warnings = []
+    monkeypatch.setattr(cli, "print_log", lambda msg, logger=None, level=None: warnings.append((msg, level)))
+    check_user_val(root)  # validation during training, or tools/test.py keeping the predictions: a warning
+    assert warnings == [(f"{problem}; the run goes on", logging.WARNING)]
+
+
+def test_training_checks_only_the_files_training_reads(tmp_path):
+    cfg = load_config(str(SHAPES_CFG))
+    assert training_loaders(cfg) == ("train_dataloader", "val_dataloader")
+    cfg.val_cfg = None  # no validation: its files are not read
+    assert training_loaders(cfg) == ("train_dataloader",)
+    cfg = load_config(
+        str(SHAPES_CFG),
+        {"test_dataloader.dataset.generate": None, "test_dataloader.dataset.data_root": f"{tmp_path}/gone/"},
+    )
+    check_config(cfg, loaders=training_loaders(cfg), init_weights=False)  # the broken test split is not read
+    with pytest.raises(ConfigError, match="dataset folder not found"):
+        check_config(cfg, loaders=("test_dataloader",), init_weights=False)
+
+
+def test_testing_does_not_need_the_pretrained_weights():
+    weights = {"type": "Pretrained", "checkpoint": "/no/such/deit_tiny.pth"}
+    cfg = load_config(str(SHAPES_CFG), {"model.backbone.init_cfg": weights})
+    check_config(cfg, loaders=(), init_weights=False)  # tools/test.py: the checkpoint holds the weights
+    with pytest.raises(ConfigError, match="pretrained backbone weights not found: /no/such/deit_tiny.pth"):
+        check_config(cfg, loaders=())  # training reads them
+
+
+@pytest.mark.parametrize("coco_root", ["/data/coco", "/data/coco/"], ids=["no_slash", "slash"])
+def test_coco_root_with_or_without_trailing_slash(monkeypatch, coco_root):
+    monkeypatch.setenv("COCO_ROOT", coco_root)
+    cfg = Config.fromfile(str(ROOT / "configs/dense/mask-rcnn_deit-t_simplefpn_3x_coco.py"))
+    assert cfg.val_evaluator.ann_file == "/data/coco/annotations/instances_val2017.json"
+    assert cfg.test_evaluator.ann_file == "/data/coco/annotations/instances_val2017.json"
+    assert cfg.test_dataloader.dataset.data_root == "/data/coco/"
+
+
+def test_syntax_error_in_a_base_file_names_that_file(tmp_path):
+    (tmp_path / "_base_").mkdir()
+    base = tmp_path / "_base_/schedule.py"
+    base.write_text("train_cfg = dict(max_iters=10,\nval_cfg = dict()\n")
+    (tmp_path / "middle.py").write_text(f"_base_ = ['{SHAPES_CFG}', './_base_/schedule.py']\n")
+    child = tmp_path / "child.py"
+    child.write_text("_base_ = './middle.py'\nmodel = dict(backbone=dict(depth=4))\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(child))
+    assert str(info.value) == (
+        f"config {child} could not be read: syntax error in its _base_ file {base} at line 1 "
+        "('train_cfg = dict(max_iters=10,'): '(' was never closed. Fix that file"
+    )
+    child.write_text("_base_ = './middle.py'\nmodel = dict(backbone=dict(depth=4)\n")
+    with pytest.raises(ConfigError, match=r"child.py could not be read: syntax error in the config itself at line 2"):
+        load_config(str(child))
 
 
 def test_unreadable_image_errors_are_explained_also_from_a_worker():

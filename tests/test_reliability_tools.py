@@ -1,7 +1,10 @@
 """Reliability (issue 8) as a user meets it, through tools/train.py and tools/test.py in subprocesses: a run
 killed with SIGKILL and resumed matches an uninterrupted one exactly, a NaN loss stops training with one
-message, an unreadable image is named, and a legacy checkpoint needs --trust-checkpoint. Tiny models on a few
-64x64 images of the embedded shapes data; docs/reliability.md lists every case and its test."""
+message, an unreadable image is named, and a legacy checkpoint needs --trust-checkpoint. Issue 14: a
+checkpoint that does not fit the model is refused (--allow-partial-load loads it), testing a COCO config needs
+no ImageNet file and takes COCO_ROOT without a trailing slash, an unannotated evaluation file is refused, and
+dataloader workers end with a killed run. Tiny models on a few 64x64 images of the embedded shapes data;
+docs/reliability.md lists every case and its test."""
 
 import glob
 import json
@@ -191,3 +194,182 @@ def test_legacy_checkpoint_needs_trust_checkpoint_in_tools_test(tmp_path, monkey
     assert trusted.returncode == 0, trusted.stderr[-3000:]
     assert "with full unpickling (explicitly trusted)" in trusted.stdout + trusted.stderr
     assert "coco/bbox_mAP" in json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 14: checkpoints that do not fit, files a step does not read, evaluation files without annotations,
+# dataloader workers of a killed run
+
+
+def run_test(cfg, checkpoint: Path, work: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "tools/test.py", str(cfg), str(checkpoint), "--work-dir", str(work), *extra]
+    return subprocess.run(
+        args, cwd=ROOT, env={**environment(), **(env or {})}, capture_output=True, text=True, timeout=600
+    )
+
+
+def save_model(cfg_path: Path, path: Path, drop: str | None = None) -> Path:
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmdet")
+    state = MODELS.build(Config.fromfile(str(cfg_path)).model).state_dict()
+    state = {k: v for k, v in state.items() if not (drop and k.startswith(drop))}
+    torch.save({"meta": {"iter": 1, "epoch": 0}, "state_dict": state}, path)
+    return path
+
+
+def test_tools_test_refuses_a_dense_checkpoint_for_svit_unless_partial_load_is_allowed(tmp_path):
+    cfg = write_config(tmp_path)
+    dense = save_model(cfg, tmp_path / "dense.pth", drop="backbone.reducer.")
+    refused = run_test(cfg, dense, tmp_path / "test")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert (
+        f"error: checkpoint {dense} does not fit the model of {cfg}: it looks like a dense checkpoint for an SViT "
+        "model: its gates are untrained. 8 of the model's" in refused.stderr
+    )
+    assert "pass --allow-partial-load" in refused.stderr and "Traceback" not in refused.stderr
+    metrics = tmp_path / "metrics.json"
+    partial = run_test(cfg, dense, tmp_path / "test", "--allow-partial-load", "--metrics-out", str(metrics))
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert f"--allow-partial-load: loading {dense} although it does not fit the model" in partial.stdout
+    assert "coco/bbox_mAP" in json.loads(metrics.read_text())["metrics"]
+
+
+def fake_coco(root: Path, annotations: bool = True) -> None:
+    """A COCO 2017 folder with one 32x32 validation image and COCO's 80 categories."""
+    from mmdet.datasets import CocoDataset
+    from PIL import Image
+
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "val2017/000000000001.jpg")
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(CocoDataset.METAINFO["classes"])]
+    ann = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 8, 8], "area": 64, "iscrowd": 0}]
+    coco = {
+        "images": [{"id": 1, "file_name": "000000000001.jpg", "height": 32, "width": 32}],
+        "annotations": ann if annotations else [],
+        "categories": categories,
+    }
+    (root / "annotations/instances_val2017.json").write_text(json.dumps(coco))
+
+
+def test_tools_test_on_coco_reads_no_imagenet_file_and_names_a_resnet_checkpoint(tmp_path):
+    fake_coco(tmp_path / "coco")
+    resnet = {
+        "backbone.conv1.weight": torch.zeros(64, 3, 7, 7),
+        "backbone.bn1.weight": torch.zeros(64),
+        "backbone.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+        "roi_head.bbox_head.fc_cls.weight": torch.zeros(81, 1024),
+    }
+    torch.save({"state_dict": resnet}, tmp_path / "resnet.pth")
+    cfg = "configs/dense/mask-rcnn_deit-t_simplefpn_3x_coco.py"
+    proc = run_test(
+        cfg,
+        tmp_path / "resnet.pth",
+        tmp_path / "test",
+        "--cfg-options",
+        "model.backbone.init_cfg.checkpoint=/no/such/deit_tiny.pth",
+        env={"COCO_ROOT": str(tmp_path / "coco")},  # no trailing slash
+    )
+    assert proc.returncode == 2
+    assert "pretrained backbone weights not found" not in proc.stderr  # testing never reads them
+    assert "annotation file not found" not in proc.stderr  # the evaluator's path is joined, not concatenated
+    assert f"error: checkpoint {tmp_path}/resnet.pth does not fit the model of {cfg}: it looks like a ResNet " in (
+        proc.stderr
+    )
+    assert "checkpoint for a ViT model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tools_test_refuses_an_evaluation_file_without_annotations(tmp_path):
+    from tokenprune.data import make_shapes_dataset
+
+    cfg = write_config(tmp_path)
+    make_shapes_dataset(str(tmp_path / "shapes"), seed=0, num_train=16, num_val=4, image_size=(64, 64))
+    ann = json.loads((tmp_path / "shapes/annotations/instances_val.json").read_text())
+    empty = tmp_path / "shapes/annotations/unlabelled.json"
+    empty.write_text(json.dumps({**ann, "annotations": []}))
+    options = [
+        "test_dataloader.dataset.generate=None",
+        "test_dataloader.dataset.ann_file=annotations/unlabelled.json",
+        f"test_evaluator.ann_file={empty}",
+    ]
+    proc = run_test(cfg, save_model(cfg, tmp_path / "svit.pth"), tmp_path / "test", "--cfg-options", *options)
+    assert proc.returncode == 2
+    assert (
+        f"error: annotation file {empty} lists 4 images but no annotations: every COCO metric would be -1.000"
+        in proc.stderr
+    )
+    assert "pass --out preds.pkl or --show-dir DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+BLOCKING_TRANSFORM = """
+import os
+import time
+
+from mmcv.transforms import BaseTransform
+from mmdet.registry import TRANSFORMS
+
+
+@TRANSFORMS.register_module()
+class BlockForever(BaseTransform):
+    \"\"\"Writes the worker's pid, then blocks (as a worker stuck on a slow file system would).\"\"\"
+
+    def __init__(self, pid_file):
+        self.pid_file = pid_file
+
+    def transform(self, results):
+        with open(self.pid_file + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(self.pid_file + ".tmp", self.pid_file)
+        time.sleep(3600)
+        return results
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_dataloader_worker_ends_when_training_is_killed(tmp_path):
+    (tmp_path / "block_forever.py").write_text(BLOCKING_TRANSFORM)
+    pid_file = tmp_path / "worker.pid"
+    cfg = write_config(
+        tmp_path,
+        extra=f"""
+custom_imports = dict(imports=['tokenprune', 'block_forever'], allow_failed_imports=False)
+train_dataloader = dict(num_workers=1, persistent_workers=False, dataset=dict(pipeline=[
+    dict(type='LoadImageFromFile'), dict(type='BlockForever', pid_file='{pid_file}'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True), dict(type='PackDetInputs')]))
+""",
+    )
+    env = {**environment(), "PYTHONPATH": str(tmp_path)}
+    args = [sys.executable, "tools/train.py", str(cfg), "--work-dir", str(tmp_path / "work")]
+    with open(tmp_path / "train.log", "w") as log:
+        trainer = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        deadline = time.time() + 300
+        while trainer.poll() is None and time.time() < deadline and not pid_file.is_file():
+            time.sleep(0.1)
+        assert pid_file.is_file(), (tmp_path / "train.log").read_text()[-3000:]
+        worker = int(pid_file.read_text())
+        assert running(worker)
+        trainer.send_signal(signal.SIGKILL)  # as the out-of-memory killer or a preempted job
+        trainer.wait(timeout=60)
+        deadline = time.time() + 20
+        while running(worker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not running(worker), "the dataloader worker outlived the training process it belonged to"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+        if worker is not None and running(worker):
+            os.kill(worker, signal.SIGKILL)  # the worker this test started, left behind

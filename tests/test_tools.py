@@ -107,7 +107,7 @@ def test_svit_fine_tune_from_dense_then_test_reports_keep_rates(tmp_path):
         base=ROOT / "configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py",
         extra=(
             f"load_from = '{tmp_path}/dense/iter_2.pth'\n"
-            "model = dict(backbone=dict(reducer=dict(gated_blocks=[2, 3], keep_targets=[0.7, 0.49])))\n"
+            "model = dict(backbone=dict(depth=4, reducer=dict(gated_blocks=[2, 3], keep_targets=[0.7, 0.49])))\n"
             "custom_hooks = [dict(type='TokenStatsHook'), dict(type='SViTCalibrationHook', num_batches=3)]"
         ),
     )

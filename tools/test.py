@@ -2,8 +2,11 @@
 checks, CPU distributed launch (gloo), and ``--metrics-out`` to keep the metrics and throughput as JSON.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out preds.pkl] [--show-dir DIR]
-                         [--metrics-out metrics.json] [--trust-checkpoint] [--cfg-options k=v ...]
-                         [--launcher ...]
+                         [--metrics-out metrics.json] [--trust-checkpoint] [--allow-partial-load]
+                         [--cfg-options k=v ...] [--launcher ...]
+
+CHECKPOINT must fit the model (every tensor), unless ``--allow-partial-load``; the backbone's pretrained
+weights (``init_cfg``) are not read, so they need not exist. Dataloader workers end with this process.
 """
 
 import argparse
@@ -22,7 +25,9 @@ from mmengine.runner import Runner
 
 import tokenprune  # noqa: F401  (registers models, datasets and the checkpoint allow-list)
 from tokenprune.errors import ConfigError
+from tokenprune.mmdet_plugin.checkpoint_fit import check_checkpoint_fit
 from tokenprune.mmdet_plugin.cli import check_config, load_config, report_errors, setup_cpu_distributed
+from tokenprune.mmdet_plugin.reliability import exit_workers_with_parent
 from tokenprune.mmdet_plugin.safe_load import trust_checkpoint
 
 
@@ -41,6 +46,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="load CHECKPOINT with full unpickling, which can run code stored in the file: only for legacy files "
         "whose origin you trust (default: tensors and mmengine's log buffers only)",
+    )
+    parser.add_argument(
+        "--allow-partial-load",
+        action="store_true",
+        help="test a CHECKPOINT that does not fit the model (missing, unexpected or mis-shaped tensors): load the "
+        "tensors that fit, the others keep their initial values (default: refuse)",
     )
     parser.add_argument(
         "--cfg-options", nargs="+", action=DictAction, help="override config settings, e.g. model.test_cfg.x=1"
@@ -62,19 +73,25 @@ def main() -> None:
     cfg.load_from = args.checkpoint
     if args.trust_checkpoint:
         trust_checkpoint(args.checkpoint)
+    if args.out is not None and not args.out.endswith((".pkl", ".pickle")):
+        raise ConfigError(f"--out must be a .pkl or .pickle file, got {args.out}")
+    if args.tta and ("tta_model" not in cfg or "tta_pipeline" not in cfg):
+        raise ConfigError("--tta needs tta_model and tta_pipeline in the config")
+    # testing reads the test data, its evaluator's annotations and CHECKPOINT, not the pretrained weights
+    predictions_kept = bool(args.out or args.show or args.show_dir)
+    check_config(
+        cfg, loaders=("test_dataloader",), init_weights=False, unannotated="warn" if predictions_kept else "error"
+    )
+    check_checkpoint_fit(cfg, args.checkpoint, "test", allow_partial=args.allow_partial_load)
     if args.show or args.show_dir:
         from mmdet.engine.hooks.utils import trigger_visualization_hook
 
         cfg = trigger_visualization_hook(cfg, args)
     if args.tta:
-        if "tta_model" not in cfg or "tta_pipeline" not in cfg:
-            raise ConfigError("--tta needs tta_model and tta_pipeline in the config")
         cfg.model = dict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
-    if args.out is not None and not args.out.endswith((".pkl", ".pickle")):
-        raise ConfigError(f"--out must be a .pkl or .pickle file, got {args.out}")
-    check_config(cfg, loaders=("test_dataloader",))
     setup_cpu_distributed(cfg)
+    exit_workers_with_parent()
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults

@@ -2,10 +2,12 @@
 CPU distributed launch (gloo).
 
     python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CKPT]] [--cfg-options k=v ...]
-                          [--trust-checkpoint] [--launcher {none,pytorch,slurm,mpi}]
+                          [--trust-checkpoint] [--allow-partial-load] [--launcher {none,pytorch,slurm,mpi}]
 
 Training stops with one message if the loss becomes NaN or inf, and checkpoints carry the random state, so
-``--resume`` continues exactly where an interrupted run stopped (see docs/reliability.md).
+``--resume`` continues exactly where an interrupted run stopped. The checkpoint a run starts from must fit the
+model (``load_from``: a new token reducer is the one accepted gap; ``--resume``: every tensor), unless
+``--allow-partial-load``. Dataloader workers end with this process. See docs/reliability.md.
 """
 
 import argparse
@@ -17,7 +19,6 @@ sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "pr
 
 import torch
 from mmengine.config import DictAction
-from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
@@ -25,12 +26,15 @@ import tokenprune  # noqa: F401  (registers models, datasets and the checkpoint 
 from tokenprune.errors import ConfigError
 from tokenprune.mmdet_plugin.cli import (
     add_reliability_hooks,
+    apply_resume,
     check_config,
-    latest_checkpoint,
+    check_start_checkpoint,
     load_config,
     report_errors,
     setup_cpu_distributed,
+    training_loaders,
 )
+from tokenprune.mmdet_plugin.reliability import exit_workers_with_parent
 from tokenprune.mmdet_plugin.safe_load import trust_checkpoint
 
 
@@ -55,6 +59,13 @@ def parse_args() -> argparse.Namespace:
         "file: only for legacy files whose origin you trust (default: tensors and mmengine's log buffers only)",
     )
     parser.add_argument(
+        "--allow-partial-load",
+        action="store_true",
+        help="start from a --resume / load_from checkpoint that does not fit the model (missing, unexpected or "
+        "mis-shaped tensors): load the tensors that fit, the others keep their initial values (default: refuse; "
+        "a load_from without the model's new token reducer is always accepted)",
+    )
+    parser.add_argument(
         "--cfg-options", nargs="+", action=DictAction, help="override config settings, e.g. train_cfg.max_iters=10"
     )
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
@@ -77,22 +88,14 @@ def main() -> None:
         if "auto_scale_lr" not in cfg or "base_batch_size" not in cfg.auto_scale_lr:
             raise ConfigError("--auto-scale-lr needs auto_scale_lr = dict(enable=False, base_batch_size=N)")
         cfg.auto_scale_lr.enable = True
-    if args.resume == "auto":
-        # the latest checkpoint in the work dir; if there is none, start as configured (load_from included)
-        latest = latest_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
-        if latest is not None:
-            cfg.resume = True
-            cfg.load_from = latest
-        else:
-            print_log(f"--resume: no checkpoint in {cfg.work_dir} yet, starting from the config", logger="current")
-    elif args.resume is not None:
-        cfg.resume = True
-        cfg.load_from = args.resume
+    apply_resume(cfg, args.resume)
     if args.trust_checkpoint and cfg.get("load_from"):
         trust_checkpoint(cfg.load_from)
     add_reliability_hooks(cfg)
-    check_config(cfg)
+    check_config(cfg, loaders=training_loaders(cfg), init_weights=False)
+    check_start_checkpoint(cfg, allow_partial=args.allow_partial_load)  # and the pretrained weights, if read
     setup_cpu_distributed(cfg)
+    exit_workers_with_parent()
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     runner.train()
     if torch.distributed.is_initialized():

@@ -1,6 +1,6 @@
-"""Datasets: the embedded shapes data (generated on first use), and checks of COCO annotation files, of the
-images they list and of image files that cannot be read, each ending in a :class:`DatasetError` that names the
-file and the fix."""
+"""Datasets: the embedded shapes data (generated on first use), and checks of COCO annotation files (format,
+empty files), of the images they list and of image files that cannot be read, each ending in a
+:class:`DatasetError` that names the file and the fix."""
 
 from __future__ import annotations
 
@@ -61,6 +61,33 @@ def check_coco_file(path: str) -> dict:
             "are not in its 'images': add those images or remove their annotations"
         )
     return ann
+
+
+def check_not_empty(ann: dict, path: str, training: bool) -> None:
+    """Raise :class:`DatasetError` if a COCO file ``ann`` lists no images, or, for training, no annotations
+    (MMDetection would fail later with ``need at least one array to concatenate``)."""
+    if not ann["images"]:
+        raise DatasetError(
+            f"annotation file {path} lists no images: there is nothing to {'train on' if training else 'evaluate'}. "
+            "Point the dataset's ann_file at a file that lists the images (and their annotations)"
+        )
+    if training and not ann["annotations"]:
+        raise DatasetError(
+            f"annotation file {path} lists {len(ann['images'])} images but no annotations: there is nothing to "
+            "train on (images without objects are left out of training). Point train_dataloader.dataset.ann_file "
+            "at the annotated training file"
+        )
+
+
+def unannotated_message(ann: dict, path: str) -> str | None:
+    """For an evaluation file: what is wrong if it lists images but no annotations (every COCO metric would be
+    -1.000), else None."""
+    if ann["images"] and not ann["annotations"]:
+        return (
+            f"annotation file {path} lists {len(ann['images'])} images but no annotations: every COCO metric would "
+            "be -1.000, as there is nothing to compare the predictions with"
+        )
+    return None
 
 
 def missing_image_files(ann: dict, img_dir: str) -> list[str]:
@@ -140,5 +167,6 @@ class ShapesDataset(CocoDataset):
             except (ValueError, TypeError) as e:
                 raise DatasetError(f"the embedded shapes data could not be made: {e}") from e
         ann = check_coco_file(self.ann_file)
+        check_not_empty(ann, self.ann_file, training=not self.test_mode)
         check_image_files(ann, self.ann_file, self.data_prefix.get("img", self.data_root or ""))
         return super().load_data_list()

@@ -10,12 +10,23 @@
 Both are in ``default_hooks`` of ``configs/_base_/default_runtime.py``, and ``tools/train.py`` adds them to
 configs that lack them (set ``default_hooks.check_invalid_loss=None`` or ``default_hooks.random_state=None``
 to switch one off).
+
+- :func:`exit_workers_with_parent`, called by ``tools/train.py`` and ``tools/test.py``, makes every DataLoader
+  worker the runner builds end when the process that started it dies: a run killed with SIGKILL (or by the
+  out-of-memory killer) would otherwise leave its workers behind, re-parented and blocked, holding their
+  memory until ended by hand (torch's own check of the parent only runs while a worker waits for work).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import os
+import signal
+import sys
+import threading
+import time
 
 import torch
 from mmdet.registry import HOOKS
@@ -151,3 +162,85 @@ class RandomStateHook(Hook):
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
         print_log(f"RandomStateHook: random state restored from iteration {iteration}", logger="current")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DataLoader workers end with the process that started them
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch_parent(parent_pid: int, interval: float) -> None:
+    direct_parent = os.getppid()
+    while True:
+        time.sleep(interval)
+        if os.getppid() != direct_parent or not _alive(parent_pid):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_with_parent(parent_pid: int, interval: float = 1.0) -> str:
+    """Make this process (a DataLoader worker) die as soon as ``parent_pid`` does: on Linux, by asking the
+    kernel for SIGKILL when the parent exits (``prctl(PR_SET_PDEATHSIG)``); where that is not available, or
+    when the parent is not this process's direct parent, by a thread that checks every ``interval`` seconds.
+    Exits at once if the parent is already gone. Returns how ('pdeathsig' or 'watchdog')."""
+    how = "watchdog"
+    if sys.platform.startswith("linux") and os.getppid() == parent_pid:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                how = "pdeathsig"
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid and not _alive(parent_pid):  # died before the request took effect
+        os._exit(1)
+    if how == "watchdog":
+        threading.Thread(target=_watch_parent, args=(parent_pid, interval), daemon=True).start()
+    return how
+
+
+class ExitWithParent:
+    """A DataLoader ``worker_init_fn``: :func:`exit_with_parent` for the process that built the loader, then
+    the loader's own ``worker_init_fn`` (mmengine's seeding). Picklable, for every start method."""
+
+    def __init__(self, parent_pid: int, init_fn=None) -> None:
+        self.parent_pid = parent_pid
+        self.init_fn = init_fn
+
+    def __call__(self, worker_id: int) -> None:
+        exit_with_parent(self.parent_pid)
+        if self.init_fn is not None:
+            self.init_fn(worker_id)
+
+
+def guard_workers(loader):
+    """Give a DataLoader with worker processes the :class:`ExitWithParent` worker_init_fn (once)."""
+    if isinstance(loader, torch.utils.data.DataLoader) and loader.num_workers > 0:
+        if not isinstance(loader.worker_init_fn, ExitWithParent):
+            loader.worker_init_fn = ExitWithParent(os.getpid(), loader.worker_init_fn)
+    return loader
+
+
+def exit_workers_with_parent() -> None:
+    """Make every DataLoader that mmengine's runner builds (``Runner.build_dataloader``: training, validation,
+    test) start workers that end with the process that started them (:class:`ExitWithParent`). Idempotent."""
+    from mmengine.runner import Runner
+
+    if getattr(Runner.build_dataloader, "_guards_workers", False):
+        return
+    build = Runner.build_dataloader
+
+    def build_dataloader(*args, **kwargs):
+        return guard_workers(build(*args, **kwargs))
+
+    build_dataloader._guards_workers = True
+    Runner.build_dataloader = staticmethod(build_dataloader)

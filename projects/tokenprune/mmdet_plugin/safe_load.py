@@ -19,6 +19,8 @@ for trusted legacy files (e.g. written by plain mmengine, which pickles ``builti
 off by default: ``--trust-checkpoint`` on ``tools/train.py`` / ``tools/test.py`` (trusts the file given to
 that run), or the environment variable ``TOKENPRUNE_TRUST_CHECKPOINTS=1`` (trusts every checkpoint this
 process loads). The backbone's pretrained weights (``init_cfg``) are always read weights-only.
+A file that is not a whole checkpoint (empty, cut short while being saved or copied, or not a torch file at
+all) ends in an :class:`IncompleteCheckpointError` that says so, instead of torch's internal zip-reader error.
 A trusted legacy file can be re-saved once into a file that loads safely::
 
     python tools/model_converters/resave_checkpoint.py legacy.pth safe.pth
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import zipfile
 
 import numpy as np
 import torch
@@ -43,6 +46,13 @@ _trusted_paths: set[str] = set()
 
 class UnsafeCheckpointError(TokenPruneError, pickle.UnpicklingError):
     """A checkpoint holds pickled objects outside the allow-list and was not explicitly trusted."""
+
+
+class IncompleteCheckpointError(TokenPruneError, RuntimeError):
+    """A checkpoint file is empty, cut short or corrupted: not a whole torch checkpoint."""
+
+
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 def mmengine_checkpoint_globals() -> list:
@@ -96,22 +106,83 @@ def _refusal_message(path: str, error: Exception) -> str:
     )
 
 
-def load_checkpoint_file(path: str | os.PathLike, map_location=None):
+def is_whole_zip(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete zip file (torch's checkpoint format since 1.6; the zip's index, written
+    last, is missing from a file cut short while being saved or copied)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return bool(zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _unreadable_message(path: str, error: BaseException) -> str | None:
+    """What is wrong with a checkpoint file that torch could not read, or None if the file itself looks whole
+    (then the error is not about the file, e.g. a CUDA map_location on a machine without CUDA)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    again = "Copy it again from where it was written, or use an earlier checkpoint"
+    if size == 0:
+        return f"checkpoint {path} is empty (0 bytes): it was never written completely. {again}"
+    whole = is_whole_zip(path)
+    if head == ZIP_MAGIC and not whole:
+        return (
+            f"checkpoint {path} is incomplete: the file ({size} bytes) ends before the index that torch writes "
+            f"last, so it was cut short while being saved or copied (e.g. a run killed while saving, a full disk, "
+            f"an interrupted download). {again}"
+        )
+    if whole and "PytorchStreamReader" not in text:
+        return None
+    if not whole and ("unexpected EOF" in text or isinstance(error, EOFError)):
+        return (
+            f"checkpoint {path} is incomplete: its data ends early ({size} bytes; {text}). It was cut short while "
+            f"being saved or copied. {again}"
+        )
+    return (
+        f"checkpoint {path} could not be read: it is corrupted or not a torch checkpoint ({size} bytes; "
+        f"{type(error).__name__}: {text}). {again}"
+    )
+
+
+def _torch_load(path: str, map_location, weights_only: bool, mmap: bool):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        message = _unreadable_message(path, e)
+        if message is None:
+            raise
+        raise IncompleteCheckpointError(message) from e
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location=None, mmap: bool = False):
     """``torch.load`` of a local checkpoint: weights-only unless the file is trusted (:func:`is_trusted`).
+
+    Args:
+        path: The checkpoint file.
+        map_location: As for ``torch.load``.
+        mmap: Map the tensors' storage from the file instead of reading it (cheap when only the keys and
+            shapes are needed); ignored for files in torch's legacy (non-zip) format.
 
     Raises:
         UnsafeCheckpointError: The file holds other pickled objects and is not trusted.
+        IncompleteCheckpointError: The file is empty, cut short or corrupted.
     """
     path = str(path)
+    mmap = mmap and is_whole_zip(path)
     if is_trusted(path):
         print_log(
             f"loading {path} with full unpickling (explicitly trusted): it may run code stored in the file",
             logger="current",
             level=logging.WARNING,
         )
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return _torch_load(path, map_location, weights_only=False, mmap=mmap)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return _torch_load(path, map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(_refusal_message(path, e)) from e
 
