@@ -266,17 +266,18 @@ def official_layout(model: ViTAdapter, svit: bool = False, layer_scale: bool = F
     ``backbone.`` prefix, DeiT's class-token slot in pos_embed, SViT's encoder-layer and gate names, or
     ViT-Adapter's LayerScale (random gammas, the projections divided by them so the function is unchanged)."""
     g = torch.Generator().manual_seed(2)
+    dim = model.embed_dim
     sd = {}
     for k, v in model.state_dict().items():
         if k in ("reducer.thresholds", "reducer.calibration_steps"):
             continue  # ours only
         if k == "pos_embed":
-            v = torch.cat([torch.randn(1, 1, DIM, generator=g), v], dim=1)
+            v = torch.cat([torch.randn(1, 1, dim, generator=g), v], dim=1)
         m = re.match(r"blocks\.(\d+)\.(.+)$", k)
         if layer_scale and m and m[2] in ("attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias"):
             gamma_key = f"blocks.{m[1]}.gamma{1 if m[2].startswith('attn') else 2}"
             if gamma_key not in sd:
-                sd[gamma_key] = 0.5 + torch.rand(DIM, generator=g)
+                sd[gamma_key] = 0.5 + torch.rand(dim, generator=g)
             v = v / (sd[gamma_key][:, None] if v.dim() == 2 else sd[gamma_key])
         if svit and m:
             k = f"blocks.{m[1]}.{SVIT_BLOCK[m[2]]}"
@@ -350,8 +351,14 @@ def test_converter_cli(tmp_path, capsys):
     src, dst = tmp_path / "official.pth", tmp_path / "ours.pth"
     torch.save({"meta": {"epoch": 6}, "state_dict": official_layout(source, svit=True)}, src)
     assert cli.main([str(src), str(dst)]) == 0
-    assert "could not place (left out): none" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "could not place (left out): none" in out
+    # no thresholds in the official file: added uncalibrated, and the report says how to calibrate them
+    assert "added, uncalibrated" in out and f"tools/analysis_tools/recalibrate.py CONFIG {dst} " in out
+    assert "model.backbone.reducer.inference=sample" in out
     ckpt = torch.load(dst, weights_only=True)
+    assert ckpt["state_dict"]["backbone.reducer.calibration_steps"].tolist() == [0, 0, 0]
+    assert ckpt["state_dict"]["backbone.reducer.thresholds"].tolist() == [0.0, 0.0, 0.0]
     assert "neck.lateral_convs.0.conv.weight" in ckpt["state_dict"]
     assert "backbone.blocks.3.attn.qkv.weight" in ckpt["state_dict"]
     assert not any("TransformerEncoderLayer" in k or "selective_modules" in k for k in ckpt["state_dict"])
@@ -365,7 +372,16 @@ def test_converter_cli(tmp_path, capsys):
     bad["backbone.head.weight"] = torch.zeros(10, DIM)
     torch.save(bad, src)
     assert cli.main([str(src), str(dst)]) == 1
-    assert "could not place (left out): ['backbone.head.weight']" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "could not place (left out): ['backbone.head.weight']" in out
+    assert "added, uncalibrated" in out  # gates under our names, no thresholds: the same advice
+
+    dense = official_layout(randomize(tiny()), layer_scale=True)
+    torch.save(dense, src)
+    assert cli.main([str(src), str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "recalibrate" not in out and "added" not in out  # no gates: nothing to calibrate
+    assert not any(k.startswith("backbone.reducer.") for k in torch.load(dst, weights_only=True)["state_dict"])
 
 
 def test_convert_keeps_layer_scale_on_request():

@@ -407,3 +407,150 @@ def test_attention_trace_matches_the_block():
         torch.testing.assert_close(trace.attn.sum(-1), torch.ones(2, HEADS, N + 1))
         if m is not None and m.dtype == torch.bool:
             assert (trace.attn.masked_select(~m.expand_as(trace.attn)) == 0).all()
+
+
+# the inference rules: threshold (default), fixed, official (p_keep > 0.5), sample (hard Gumbel draw)
+
+
+def capture_gate_outputs(model: ViT) -> dict[int, list[torch.Tensor]]:
+    """Gated block -> the (keep, prune) log-probabilities its gate gave in each forward."""
+    outputs = {block: [] for block in GATED}
+    for block in GATED:
+        gate = model.reducer.gates[model.reducer.gate_index[block]]
+        gate.register_forward_hook(lambda m, i, o, block=block: outputs[block].append(o.detach()))
+    return outputs
+
+
+def test_unknown_inference_rule_names_the_rules():
+    with pytest.raises(ValueError, match="'threshold', 'fixed', 'official', 'sample'"):
+        SViTReducer(DIM, inference="argmax")
+
+
+def test_official_rule_keeps_tokens_with_p_keep_above_half():
+    model = make_model(inference="official").eval()
+    states, log_ps = capture_states(model), capture_gate_outputs(model)
+    with torch.no_grad():
+        model(images(3))
+    for block in GATED:
+        log_p = log_ps[block][0]
+        want = log_p[..., 1] < log_p[..., 0]  # the official argmin over (keep, prune)
+        top = log_p[..., 0].argmax(dim=1)
+        want[torch.arange(3), top] = True  # min_keep
+        assert torch.equal(states[0].keep_masks[block], want)
+    rates = torch.stack([states[0].keep_fractions[b] for b in GATED])
+    assert ((rates > 0) & (rates < 1)).any()
+    assert model.reducer.inference_rules() == {b: "official" for b in GATED}
+    assert model.reducer.inference_fallbacks() == {}
+
+
+def test_official_rule_prunes_ties():
+    model = make_model(cls_token=False, inference="official").eval()
+    for gate in model.reducer.gates:  # p_keep = p_prune = 0.5 everywhere
+        with torch.no_grad():
+            gate.fc2.weight.zero_()
+            gate.fc2.bias.zero_()
+    states = capture_states(model)
+    with torch.no_grad():
+        model(images(2))
+    assert all(m.sum(1).tolist() == [1, 1] for m in states[0].keep_masks.values())  # min_keep only
+
+
+def test_sample_rule_draws_as_the_official_gumbel_softmax():
+    from tokenprune.models.reducers.svit import gumbel_keep
+
+    log_p = torch.randn(3, 50, 2).log_softmax(-1)
+    torch.manual_seed(5)
+    ours = gumbel_keep(log_p)
+    torch.manual_seed(5)
+    official = torch.nn.functional.gumbel_softmax(log_p, tau=1.0, hard=True)[..., 0] > 0.5
+    assert torch.equal(ours, official)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(gumbel_keep(log_p, g.manual_seed(3)), gumbel_keep(log_p, torch.Generator().manual_seed(3)))
+
+
+def test_sample_rule_keeps_at_the_gate_probability_per_image():
+    # every gate says p_keep = 0.3: a hard draw keeps 30% of the tokens on average, each image its own share
+    model = make_model(cls_token=False, inference="sample").eval()
+    for gate in model.reducer.gates:
+        with torch.no_grad():
+            gate.fc2.weight.zero_()
+            gate.fc2.bias.copy_(torch.tensor([math.log(0.3), math.log(0.7)]))
+    with torch.no_grad():
+        model(torch.randn(6, 3, 160, 192))  # 120 tokens per image
+    stats = model.last_stats
+    for block in GATED:
+        per_image = stats[f"keep_rate_per_image.block{block}"]
+        assert per_image.shape == (6,) and per_image.std() > 0
+        assert abs(stats[f"keep_rate.block{block}"].item() - 0.3) < 0.06
+    assert model.reducer.inference_rules() == {b: "sample" for b in GATED}
+
+
+def test_sample_rule_is_seeded():
+    model = make_model(inference="sample").eval()
+    states = capture_states(model)
+    x = images(3)
+    with torch.no_grad():
+        first, second = model(x), model(x)
+        model.reducer.sample_seed = 1
+        third = model(x)
+    assert torch.equal(first, second)  # every forward draws from a generator seeded with sample_seed
+    assert all(torch.equal(states[0].keep_masks[b], states[1].keep_masks[b]) for b in GATED)
+    assert not all(torch.equal(states[0].keep_masks[b], states[2].keep_masks[b]) for b in GATED)
+    assert not torch.equal(first, third)
+    model.reducer.sample_seed = None  # torch's global generator, as the official code
+    with torch.no_grad():
+        torch.manual_seed(7)
+        a = model(x)
+        torch.manual_seed(7)
+        b = model(x)
+        c = model(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_rules_and_fallbacks():
+    model = make_model(keep_targets=(0.7, 0.7, 0.49, 1.0)).eval()
+    reducer = model.reducer
+    assert reducer.inference_rules() == {b: "fixed" for b in GATED}
+    fallbacks = reducer.inference_fallbacks()
+    assert fallbacks == {2: "never calibrated", 3: "never calibrated", 4: "never calibrated", 5: fallbacks[5]}
+    assert "1.0" in fallbacks[5]
+    calibrate(model)
+    assert reducer.inference_rules() == {2: "threshold", 3: "threshold", 4: "threshold", 5: "fixed"}
+    assert list(reducer.inference_fallbacks()) == [5]
+    for rule in ("fixed", "official", "sample"):
+        reducer.inference = rule
+        assert reducer.inference_rules() == {b: rule for b in GATED} and reducer.inference_fallbacks() == {}
+
+
+def test_calibration_context_recalibrates_from_scratch():
+    model = make_model(inference="sample").eval()
+    calibrate(model)  # training-time EMA thresholds, to be replaced
+    reducer = model.reducer
+    log_ps = capture_gate_outputs(model)
+    batches = [images(4, seed=s) for s in (11, 12, 13)]
+    with torch.no_grad(), reducer.calibration() as r:
+        assert r is reducer and reducer.calibrating and reducer.inference == "threshold"
+        assert not reducer.calibration_steps.any()  # reset on entry
+        for x in batches:
+            model(x)
+    assert (reducer.inference, reducer.threshold_momentum, reducer.calibrating) == ("sample", 0.1, False)
+    assert reducer.calibration_steps.tolist() == [3] * len(GATED)
+    # the first gate sees the input alone: its threshold is the equal-weight mean of the batches' quantiles
+    first = GATED[0]
+    quantiles = []
+    for log_p in log_ps[first]:
+        flat = log_p[..., 0].exp().flatten()
+        k = round(TARGETS[0] * flat.numel())
+        quantiles.append(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    assert reducer.thresholds[0].item() == pytest.approx(torch.stack(quantiles).mean().item(), abs=1e-6)
+    with pytest.raises(RuntimeError), reducer.calibration():
+        raise RuntimeError("interrupted")
+    assert (reducer.inference, reducer.threshold_momentum, reducer.calibrating) == ("sample", 0.1, False)
+
+
+def test_keep_count_of_a_traced_size():
+    from tokenprune.models.reducers.dynamicvit import fixed_keep_count
+    from tokenprune.models.reducers.svit import keep_count
+
+    assert keep_count(0.7, torch.tensor(10)) == keep_count(0.7, 10) == 7
+    assert fixed_keep_count(0.343, torch.tensor(24)) == fixed_keep_count(0.343, 24) == 8

@@ -322,3 +322,31 @@ def test_invalid_settings():
         make_model(controlled_blocks=(3, 6), keep_targets=(0.7, 0.5))
     with pytest.raises(ConfigError, match="invalid TPC reducer settings"):
         build_reducer({"type": "TPC", "min_keep": 0}, DIM)
+
+
+def test_calibration_context_and_rules():
+    # reducer.calibration() is the recalibration SViTCalibrationHook and tools/analysis_tools/recalibrate.py run:
+    # the same as resetting, weighting batches equally and updating in eval forwards by hand
+    by_hand, context = make_model(inference="fixed"), make_model(inference="fixed")
+    calibrate(by_hand)
+    context.load_state_dict(by_hand.state_dict())
+    batches = [torch.randn(4, 3, 64, 96, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    by_hand.eval().reducer.reset_thresholds()
+    by_hand.reducer.inference, by_hand.reducer.threshold_momentum, by_hand.reducer.calibrating = "threshold", 0.0, True
+    context.eval()
+    with torch.no_grad():
+        for x in batches:
+            by_hand(x)
+        with context.reducer.calibration():
+            for x in batches:
+                context(x)
+    assert torch.equal(context.reducer.thresholds, by_hand.reducer.thresholds)
+    assert context.reducer.calibration_steps.tolist() == [3] * len(BLOCKS)
+    reducer = context.reducer
+    assert (reducer.inference, reducer.threshold_momentum, reducer.calibrating) == ("fixed", 0.1, False)
+    assert reducer.inference_rules() == {b: "fixed" for b in BLOCKS} and reducer.inference_fallbacks() == {}
+    reducer.inference = "threshold"
+    assert reducer.inference_rules() == {b: "threshold" for b in BLOCKS} and reducer.inference_fallbacks() == {}
+    reducer.reset_thresholds()
+    assert reducer.inference_rules() == {b: "fixed" for b in BLOCKS}
+    assert reducer.inference_fallbacks() == {b: "never calibrated" for b in BLOCKS}

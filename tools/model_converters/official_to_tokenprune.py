@@ -9,6 +9,12 @@ SRC is a whole detector (``backbone.*``, ``neck.*``, ``rpn_head.*``, ``roi_head.
 configs in ``configs/adapter/``. Every key is accounted for in the printed report; the tool exits with code 1
 if some backbone key could not be placed. See docs/adapter.md for what is renamed and why.
 
+An SViT model converts without calibrated inference thresholds (the official code has none): DST gets the
+two threshold buffers at their initial values (never calibrated), and the report says so and gives the
+commands to calibrate them (``tools/analysis_tools/recalibrate.py CONFIG DST.pth OUT.pth``) or to evaluate DST
+under the official rules (``--cfg-options model.backbone.reducer.inference=sample``, the rule of the published
+numbers, or ``=official``).
+
 SRC is read with ``torch.load(weights_only=True)``; ``--trust-checkpoint`` reads it with full unpickling,
 which can run code stored in the file: only for files whose origin you trust.
 """
@@ -23,7 +29,11 @@ import torch
 
 sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), "projects"))
 
-from tokenprune.models.convert_official import convert_official_state_dict, unwrap_checkpoint  # noqa: E402
+from tokenprune.models.convert_official import (  # noqa: E402
+    add_uncalibrated_thresholds,
+    convert_official_state_dict,
+    unwrap_checkpoint,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    add_uncalibrated_thresholds(state_dict, report)
     meta = {"converted_from": osp.basename(args.src), "converter": "tools/model_converters/official_to_tokenprune.py"}
     torch.save({"state_dict": state_dict, "meta": meta}, args.dst)
+    report.converted_path = args.dst
     print(report)
     print(f"wrote {len(state_dict)} tensors to {args.dst}")
     return 1 if report.unplaced else 0

@@ -1,5 +1,6 @@
-"""Hooks for token-reducing backbones: keep rates logged in training and summarised over val/test, and the
-calibration of SViT's inference thresholds at the end of training."""
+"""Hooks for token-reducing backbones: keep rates logged in training and summarised over val/test with the
+inference rule each block used, and the calibration of SViT's (and TPC's) inference thresholds at the end of
+training (:func:`calibrate_thresholds`, which ``tools/analysis_tools/recalibrate.py`` also uses)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,84 @@ from ..analysis import keep_rates
 from ..models.flops import dense_backbone_macs, macs_from_counts
 
 PER_IMAGE = "keep_rate_per_image.block"
+RULE = "inference_rule/block"
+RECALIBRATE = "tools/analysis_tools/recalibrate.py CONFIG CHECKPOINT OUT.pth"
 
 
 def unwrap(model):
     return model.module if is_model_wrapper(model) else model
+
+
+def threshold_reducer(model):
+    """The backbone's reducer if it has calibrated inference thresholds (SViT, TPC), else None."""
+    reducer = getattr(getattr(unwrap(model), "backbone", None), "reducer", None)
+    return reducer if hasattr(reducer, "calibration") else None
+
+
+@torch.no_grad()
+def calibrate_thresholds(model, batches) -> dict[int, float]:
+    """Recalibrate the inference thresholds of ``model``'s reducer from scratch on ``batches``.
+
+    The detector runs its backbone in eval mode inside ``reducer.calibration()`` (equal weight per batch, the
+    threshold rule applied as at test time) on each batch of ``batches`` (collated data as a dataloader gives
+    them, through the detector's data preprocessor); its training mode is restored afterwards.
+
+    Args:
+        model: A detector (or a wrapper of one) whose ``backbone.reducer`` has ``calibration()``.
+        batches: Iterable of collated batches of training images.
+
+    Returns:
+        Block index -> mean keep rate over the calibration batches (the thresholds move while they run).
+    """
+    model = unwrap(model)
+    reducer = threshold_reducer(model)
+    if reducer is None:
+        raise ValueError("the model's backbone has no reducer with calibrated thresholds (SViT, TPC)")
+    training = model.training
+    rates: dict[int, list[float]] = defaultdict(list)
+    model.eval()
+    try:
+        with reducer.calibration():
+            for data in batches:
+                model.backbone(model.data_preprocessor(data, False)["inputs"])
+                for block, values in TokenStatsHook._per_image_rates(model.backbone).items():
+                    rates[block].append(float(values.float().mean()))
+    finally:
+        model.train(training)
+    return {block: sum(values) / len(values) for block, values in sorted(rates.items())}
+
+
+def reducer_name(reducer) -> str:
+    """``SViTReducer`` -> ``SViT``."""
+    return type(reducer).__name__.removesuffix("Reducer")
+
+
+def describe_rules(rules: dict[int, str]) -> str:
+    """Block -> rule as one phrase, e.g. ``threshold at blocks [3, 4, 5], fixed at blocks [6, 7]``."""
+    by_rule: dict[str, list[int]] = defaultdict(list)
+    for block, rule in sorted(rules.items()):
+        by_rule[rule].append(block)
+    return ", ".join(f"{rule} at blocks {blocks}" for rule, blocks in by_rule.items())
+
+
+def describe_fallbacks(reducer, fallbacks: dict[int, str]) -> str:
+    """One line: where the configured rule falls back to another, why, and what to do."""
+    by_reason: dict[str, list[int]] = defaultdict(list)
+    for block, reason in sorted(fallbacks.items()):
+        by_reason[reason].append(block)
+    rules = reducer.inference_rules()
+    used = sorted({rules[b] for b in fallbacks})
+    where = "; ".join(f"blocks {blocks}: {reason}" for reason, blocks in by_reason.items())
+    line = (
+        f"{reducer_name(reducer)} inference={reducer.inference!r} falls back to {' / '.join(map(repr, used))} "
+        f"(ceil(target x N) top-scored tokens per image) at {where}"
+    )
+    if any(reason == "never calibrated" for reason in by_reason):
+        line += (
+            f". Calibrate the thresholds on training images with {RECALIBRATE}, or choose another rule with "
+            "--cfg-options model.backbone.reducer.inference=fixed|official|sample"
+        )
+    return line
 
 
 @HOOKS.register_module()
@@ -42,7 +117,14 @@ class TokenStatsHook(Hook):
     - ``keep_rate/mean``: mean over blocks and images,
     - ``flops/backbone_gmacs``: the backbone's multiply-accumulates per image (G), counted from the tokens
       each block really ran (:mod:`tokenprune.models.flops`), with ``flops/dense_backbone_gmacs`` beside it,
-    - ``flops/flop_bound``: their ratio of means, the speed-up the backbone would reach if time followed MACs.
+    - ``flops/flop_bound``: their ratio of means, the speed-up the backbone would reach if time followed MACs,
+    - ``inference_rule/block{i}``: for reducers with a choice of inference rule (SViT, TPC), the rule block i's
+      decision followed (``'threshold'``, ``'fixed'``, ``'official'`` or ``'sample'``), with
+      ``inference_rule/sample_seed`` under ``'sample'`` (-1: torch's global generator).
+
+    Before each test run (and the first validation) the hook logs the rule of every deciding block in one line,
+    and, where the configured rule falls back to another (``'threshold'`` on a block never calibrated uses the
+    fixed budget), one warning line that says where, why and what to do.
 
     mmengine's ``RuntimeInfoHook`` copies the metrics into the message hub before this hook sees them, so the
     hook also writes these into the message hub itself; otherwise ``LoggerHook`` would not see them.
@@ -54,9 +136,11 @@ class TokenStatsHook(Hook):
     """
 
     def __init__(self) -> None:
+        self._announced_val = False
         self._reset()
 
     def _reset(self) -> None:
+        self.rules: dict[str, str | int] = {}
         self.rates: dict[int, list[float]] = defaultdict(list)
         self.macs: list[tuple[float, float]] = []  # (realised, dense) backbone MACs per image
         self._input_hw: tuple[int, int] | None = None
@@ -94,6 +178,26 @@ class TokenStatsHook(Hook):
             self._input_hw = tuple(args[0].shape[-2:])
 
         self._handle = backbone.register_forward_pre_hook(remember)
+
+    def _announce_rules(self, runner, mode: str) -> None:
+        """Remember the inference rule of every deciding block for the metrics; log them (and any fallback)
+        before each test run and before the first validation."""
+        reducer = threshold_reducer(runner.model)
+        if reducer is None:
+            return
+        rules = reducer.inference_rules()
+        self.rules = {f"{RULE}{block}": rule for block, rule in rules.items()}
+        if "sample" in rules.values():
+            seed = getattr(reducer, "sample_seed", None)
+            self.rules["inference_rule/sample_seed"] = -1 if seed is None else seed
+        if mode == "val":
+            if self._announced_val:
+                return
+            self._announced_val = True
+        runner.logger.info(f"{reducer_name(reducer)} inference rule ({mode}): {describe_rules(rules)}")
+        fallbacks = reducer.inference_fallbacks()
+        if fallbacks:
+            runner.logger.warning(describe_fallbacks(reducer, fallbacks))
 
     def _count_macs(self, backbone) -> None:
         counts = getattr(backbone, "last_token_counts", None)
@@ -147,9 +251,13 @@ class TokenStatsHook(Hook):
             summary[f"keep_rate/block{block}"] = values.mean().item()
             summary[f"keep_rate_std/block{block}"] = values.std(unbiased=False).item()
         summary["keep_rate/mean"] = torch.tensor([v for b in rates for v in rates[b]]).mean().item()
+        summary.update(self.rules)
         metrics.update(summary)
         for key, value in summary.items():
-            runner.message_hub.update_scalar(f"{mode}/{key}", value)
+            if isinstance(value, str):
+                runner.message_hub.update_info(f"{mode}/{key}", value)
+            else:
+                runner.message_hub.update_scalar(f"{mode}/{key}", value)
         if is_main_process():
             with open(osp.join(runner.work_dir, f"token_stats_{mode}.json"), "w") as f:
                 json.dump({f"block{b}": rates[b] for b in sorted(rates)}, f)
@@ -158,11 +266,13 @@ class TokenStatsHook(Hook):
         self._reset()
         self._record_tokens(runner)
         self._watch_input_size(runner)
+        self._announce_rules(runner, "val")
 
     def before_test_epoch(self, runner) -> None:
         self._reset()
         self._record_tokens(runner)
         self._watch_input_size(runner)
+        self._announce_rules(runner, "test")
 
     def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         self._collect(runner)
@@ -179,13 +289,14 @@ class TokenStatsHook(Hook):
 
 @HOOKS.register_module()
 class SViTCalibrationHook(Hook):
-    """Calibrates SViT's per-block inference thresholds on training images after the last training iteration,
-    before the last checkpoint is saved.
+    """Calibrates SViT's (or TPC's) per-block inference thresholds on training images after the last training
+    iteration, before the last checkpoint is saved.
 
     During training the thresholds follow an EMA over recent batches while the gates still change; this pass
     recomputes them with the final gates, in inference mode (each block's threshold applied as it will be at
     test time), as the equal-weight mean over ``num_batches`` training batches of the per-batch threshold
-    that keeps exactly the target fraction.
+    that keeps exactly the target fraction (:func:`calibrate_thresholds`, i.e. ``reducer.calibration()``).
+    ``tools/analysis_tools/recalibrate.py`` runs the same pass on the same batches for a checkpoint.
 
     The images are drawn (seeded) from the training dataset with its training pipeline, not through the
     training dataloader, whose samplers keep state between iterators.
@@ -216,23 +327,10 @@ class SViTCalibrationHook(Hook):
         if self.is_last_train_iter(runner):
             self.calibrate(runner)
 
-    @torch.no_grad()
     def calibrate(self, runner) -> None:
-        model = unwrap(runner.model)
-        reducer = getattr(model.backbone, "reducer", None)
-        if reducer is None or not hasattr(reducer, "reset_thresholds"):
+        reducer = threshold_reducer(runner.model)
+        if reducer is None:
             return
-        momentum = reducer.threshold_momentum
-        model.eval()
-        reducer.reset_thresholds()
-        reducer.threshold_momentum = 0.0  # every batch weighs 1 / (number of batches so far)
-        reducer.calibrating = True
-        try:
-            for data in self.batches(runner.train_dataloader.dataset):
-                model.backbone(model.data_preprocessor(data, False)["inputs"])
-        finally:
-            reducer.calibrating = False
-            reducer.threshold_momentum = momentum
-            model.train()
+        calibrate_thresholds(runner.model, self.batches(runner.train_dataloader.dataset))
         thresholds = ", ".join(f"{t:.3f}" for t in reducer.thresholds.tolist())
         runner.logger.info(f"SViT thresholds calibrated on {self.num_batches} training batches: {thresholds}")

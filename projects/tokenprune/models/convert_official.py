@@ -63,11 +63,29 @@ DROPPED = {
     "cls_token": "the adapter has no class token",
     "dist_token": "DeiT's distillation token is not used",
 }
+RECALIBRATE = "tools/analysis_tools/recalibrate.py"
+NO_THRESHOLDS = (
+    "SViT's calibrated inference thresholds are ours (uncalibrated: inference='threshold' falls back to the "
+    f"fixed budget until calibrated with {RECALIBRATE})"
+)
 # what our models hold that the official checkpoints cannot: left at their initial values, which is right
-NOT_IN_OFFICIAL = {
-    "reducer.thresholds": "SViT's calibrated inference thresholds are ours (uncalibrated: fixed-budget rule)",
-    "reducer.calibration_steps": "SViT's calibrated inference thresholds are ours (uncalibrated: fixed-budget rule)",
-}
+NOT_IN_OFFICIAL = {"reducer.thresholds": NO_THRESHOLDS, "reducer.calibration_steps": NO_THRESHOLDS}
+GATE_KEY = re.compile(r"^(backbone\.)?reducer\.gates\.")
+
+
+def uncalibrated_svit_advice(converted: str = "CONVERTED.pth", config: str = "CONFIG") -> str:
+    """What to do with a converted SViT model, which has gates but no calibrated thresholds."""
+    calibrated = converted.removesuffix(".pth") + "_calibrated.pth"
+    return (
+        "SViT gates converted, but official checkpoints hold no calibrated inference thresholds: under "
+        "inference='threshold' (our configs' default) every gated block falls back to the fixed budget "
+        "(ceil(target x N) tokens per image). Calibrate them on training images, then test the result:\n"
+        f"  python {RECALIBRATE} {config} {converted} {calibrated}\n"
+        f"  python tools/test.py {config} {calibrated}\n"
+        "or evaluate the converted file under the official rules: --cfg-options "
+        "model.backbone.reducer.inference=sample (a hard Gumbel draw per token: the rule of the published numbers) "
+        "or inference=official (p_keep > 0.5); see docs/adapter.md"
+    )
 
 
 @dataclass
@@ -80,6 +98,15 @@ class ConversionReport:
     folded: list[str] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)
     unplaced: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    converted_path: str | None = None  # where the converted checkpoint was written, for the advice
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the result has SViT gates (renamed from the official names, or already ours) but no calibrated
+        thresholds (the official code has none)."""
+        gates = any(GATE_KEY.match(k) for k in [*self.renamed.values(), *self.unchanged])
+        return gates and not any(k.endswith("reducer.calibration_steps") for k in self.unchanged)
 
     def __str__(self) -> str:
         lines = [
@@ -91,7 +118,31 @@ class ConversionReport:
         if self.dropped:
             lines.append("dropped on purpose: " + "; ".join(f"{k} ({why})" for k, why in self.dropped.items()))
         lines.append(f"could not place (left out): {self.unplaced or 'none'}")
+        if self.added:
+            lines.append(
+                f"added, uncalibrated (zeros, as a model starts; the file then holds every tensor of the model): "
+                f"{self.added}"
+            )
+        if self.needs_calibration:
+            lines.append(uncalibrated_svit_advice(self.converted_path or "CONVERTED.pth"))
         return "\n".join(lines)
+
+
+def add_uncalibrated_thresholds(state_dict: dict[str, Tensor], report: ConversionReport) -> None:
+    """Give a converted SViT state dict the threshold buffers the official code does not have, at the values a
+    model starts with (``reducer.thresholds`` zeros, ``reducer.calibration_steps`` 0: never calibrated), so the
+    file holds every tensor of our model (``tools/test.py`` refuses a checkpoint that lacks some) and
+    ``inference='threshold'`` announces its fallback to the fixed rule until the thresholds are calibrated.
+    Listed in ``report.added``; nothing happens without SViT gates or when the buffers are there."""
+    gates = {m[2] for k in state_dict if (m := re.match(r"^((?:backbone\.)?)reducer\.gates\.(\d+)\.", k))}
+    if not gates:
+        return
+    prefix = BACKBONE if any(k.startswith(BACKBONE + "reducer.gates.") for k in state_dict) else ""
+    count = max(int(g) for g in gates) + 1
+    for name, dtype in (("reducer.thresholds", torch.float32), ("reducer.calibration_steps", torch.long)):
+        if prefix + name not in state_dict:
+            state_dict[prefix + name] = torch.zeros(count, dtype=dtype)
+            report.added.append(prefix + name)
 
 
 def unwrap_checkpoint(ckpt: dict) -> dict[str, Tensor]:
@@ -217,7 +268,7 @@ def load_official(model: ViT, source: str | os.PathLike | dict, strict_shapes: b
     Only the backbone's tensors are taken (a detector checkpoint's others are counted as ignored); LayerScale
     is folded or kept to match the model, and ``pos_embed`` resampled to the model's grid. A path is read with
     ``torch.load(weights_only=True)``; a file holding more than tensors and plain containers is refused
-    (convert it with ``tools/model_converters/official_to_tokenprune.py --trust-file`` if you trust it).
+    (convert it with ``tools/model_converters/official_to_tokenprune.py --trust-checkpoint`` if you trust it).
     Raises :class:`WeightsMismatchError` when shapes differ (another model size) or nothing fits.
     """
     if not isinstance(source, dict):

@@ -1,7 +1,7 @@
 """BAT: keep the attentive tokens, cluster and merge the inattentive ones, match homogeneous attentive pairs.
 
 Long et al., "Beyond Attentive Tokens: Incorporating Token Importance and Diversity for Efficient Vision
-Transformers", CVPR 2023 (METHODS.md section 4). No trainable parameters, no public code. In each reducing
+Transformers", CVPR 2023. No trainable parameters, no public code. In each reducing
 block (default 3, 6, 9), between attention and MLP, per image:
 
 1. **Decouple**: the K = ceil(keep_ratio x n) patch tokens with the highest class-token attention (averaged
@@ -17,7 +17,7 @@ block (default 3, 6, 9), between attention and MLP, per image:
 
 What we chose (the paper does not say, docs/reducers/bat.md):
 
-- The count follows EViT's keep-rate schedule (METHODS.md: "budget follows EViT's"; BAT's published GMACs
+- The count follows EViT's keep-rate schedule (BAT's published GMACs
   equal EViT's at the same keep rate): a block hands on K + 1 patch tokens, EViT's K attentive plus one
   fused token; BAT spends the one extra token on Cn clusters and pays for them by merging Cn - 1 attentive
   pairs. On DeiT-S at 224 with keep ratio 0.7 at blocks 3, 6, 9: 197 -> 140 -> 100 -> 72 tokens.
@@ -95,7 +95,8 @@ def dpc_knn(x: Tensor, num_clusters: int, k: int) -> Tensor:
 
 def bat_plan(n: int, keep_ratio: float, cluster_ratio: float) -> tuple[int, int, int] | None:
     """Counts of one reducing block for n patch tokens: (K attentive, Cn clusters, Cn - 1 matched pairs), or
-    None when the block would not reduce (K + 1 >= n)."""
+    None when the block would not reduce (K + 1 >= n). ``n`` may be a traced size (read as an int)."""
+    n = int(n)
     k = keep_count(keep_ratio, n)
     inattentive = n - k
     if inattentive <= 1:
@@ -189,7 +190,7 @@ class BATReducer(MergingReducer):
         state.apply(assign, num_out)
         if self.restore == "last":
             clustered = torch.zeros(B, M, dtype=torch.bool, device=x.device)
-            clustered[:, P:] = clustered[:, P:].scatter(1, inattentive, True)
+            clustered[:, P:] = clustered[:, P:].scatter(1, inattentive, torch.ones_like(inattentive, dtype=torch.bool))
             state.pin(clustered.gather(1, state.previous_source.clamp(min=0)) & (state.previous_source >= 0), x)
 
         d = keys.shape[-1]

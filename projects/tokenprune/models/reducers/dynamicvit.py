@@ -1,10 +1,10 @@
 """DynamicViT: a learned local+global predictor prunes tokens hierarchically.
 
 Rao et al., "DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification", NeurIPS 2021
-(METHODS.md section 5). Before each block of ``prune_blocks`` a predictor scores the patch tokens that are
-still kept: LayerNorm -> Linear(C, C) -> GELU gives per-token features, whose first half (local) is
-concatenated with the policy-weighted mean of the second half over the kept tokens (global), and an MLP
-C -> C/2 -> C/4 -> 2 with GELUs and a log-softmax gives (keep, prune) log-probabilities.
+(official code: github.com/raoyongming/DynamicViT). Before each block of ``prune_blocks`` a predictor scores
+the patch tokens that are still kept: LayerNorm -> Linear(C, C) -> GELU gives per-token features, whose first
+half (local) is concatenated with the policy-weighted mean of the second half over the kept tokens (global),
+and an MLP C -> C/2 -> C/4 -> 2 with GELUs and a log-softmax gives (keep, prune) log-probabilities.
 
 Training (as the paper): a hard Gumbel-softmax decision per token, multiplied by the previous stage's (a
 dropped token stays dropped: hierarchical); every token still runs through the blocks, and from the first
@@ -43,9 +43,12 @@ from .gates import KEEP, LocalGlobalGate
 from .svit import topk_mask, with_prefix
 
 
-def fixed_keep_count(ratio: float, n: int, min_keep: int = 1) -> int:
-    """DynamicViT's inference budget: floor(ratio * n) tokens (at least ``min_keep``), robust to float noise."""
-    return max(min_keep, math.floor(round(ratio * n, 6)))
+def fixed_keep_count(ratio: float, n: int | Tensor, min_keep: int = 1) -> int:
+    """DynamicViT's inference budget: floor(ratio * n) tokens (at least ``min_keep``), robust to float noise.
+
+    ``n`` may be a 0-dim tensor (a size read while ``torch.jit`` traces the model): it is made an int first, so
+    ``round`` never sees a tensor."""
+    return max(min_keep, math.floor(round(ratio * int(n), 6)))
 
 
 def dynamicvit_ratio_loss(fractions: Tensor, ratios: Tensor) -> Tensor:
@@ -304,7 +307,8 @@ class DynamicViTReducer(TokenReducer):
         state.predicted += M
         top = scores.topk(k, dim=1).indices.sort(dim=1).values
         state.positions = state.positions.gather(1, top)
-        mask = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter(1, state.positions, True)
+        kept = torch.ones_like(state.positions, dtype=torch.bool)  # not the scalar True: torch.jit cannot trace it
+        mask = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter(1, state.positions, kept)
         self._record(s, mask.float(), mask, state)
         return torch.cat([x[:, :P], patch.gather(1, top.unsqueeze(-1).expand(-1, -1, C))], dim=1)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 KEEP = 0  # the gates' class index of "keep"
+PRUNE = 1  # and of "prune"
 
 
 class MLPGate(nn.Module):

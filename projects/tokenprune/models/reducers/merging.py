@@ -10,7 +10,7 @@ A reduction step is an *assignment*: every current token j of an image goes to o
 compose, and size-weighted averages compose exactly, so multi-round merges are applied once.
 :class:`MergeState` follows every original position (prefix included) to the token carrying it
 (``source``), keeps the value of dropped positions as they left (``frozen``), and :meth:`MergeState.restore`
-copies every token back to all its source positions: the dense-safe output (METHODS.md section 6).
+copies every token back to all its source positions: the dense-safe output (see ``base.py``).
 
 Counts are the same for every image of a batch in all three methods (a step removes the same number of
 tokens from each), so no padding is needed.
@@ -31,7 +31,9 @@ from .base import PRUNED, TokenReducer, dense_token_counts
 
 def keep_count(ratio: float, n: int) -> int:
     """Tokens kept of ``n`` at keep ratio ``ratio``: ceil(ratio * n), at least 1 when n >= 1, robust to float
-    noise such as 0.7 * 10 = 7.000000000000001."""
+    noise such as 0.7 * 10 = 7.000000000000001. ``n`` may be a traced size (a 0-dim tensor under jit tracing,
+    as MMDetection's get_flops.py runs the model): it is read as an int."""
+    n = int(n)
     return min(n, max(1 if n else 0, math.ceil(round(ratio * n, 6))))
 
 

@@ -1,7 +1,7 @@
 """TPC: a token propagation controller that pauses tokens and restarts them later.
 
 Zhu, "TPC-ViT: Token Propagation Controller for Efficient Vision Transformer", arXiv 2401.01470, 2024
-(METHODS.md section 3). No code is public and the paper is known to us from its abstract only, which names
+(arXiv 2401.01470). No code is public and the paper is known to us from its abstract only, which names
 four parts: a **pause probability** per token (skip the current block), a **restart probability** (come back
 at a later block), a **smoothing** regulariser on these distributions against noisy outliers, and a **model
 stabilizer** that implicitly encodes local image structure. How each part works here is our design
@@ -28,8 +28,12 @@ Inference is deterministic and gathers: the active tokens of each image are gath
 only (images with different counts are padded and the padding masked, :func:`.svit.run_on_kept`) and
 scattered back. A token runs if its s clears a per-block threshold calibrated like SViT's
 (``inference='threshold'``, an EMA over training batches of the s at which the batch meets its target; the
-rate varies per image; ``SViTCalibrationHook`` recalibrates it after training), or the ``ceil(target * N)``
-tokens of highest s run (``inference='fixed'``). At least ``min_keep`` patch tokens run, in training too.
+rate varies per image; ``SViTCalibrationHook`` recalibrates it after training, and ``with
+reducer.calibration():`` around eval forwards recalibrates a checkpoint, e.g. with
+``tools/analysis_tools/recalibrate.py``; a block never calibrated falls back to the fixed rule), or the
+``ceil(target * N)`` tokens of highest s run (``inference='fixed'``). SViT's official rules (``'official'``,
+``'sample'``) have no TPC counterpart: TPC has no released code. At least ``min_keep`` patch tokens run, in
+training too.
 """
 
 from __future__ import annotations
@@ -45,11 +49,11 @@ from .base import TokenReducer, dense_token_counts, keep_masks_to_token_maps
 from .dynamicvit import force_min_keep
 from .svit import (
     DEFAULT_KEEP_TARGETS,
+    CalibratedThresholds,
     keep_count,
     run_on_kept,
     svit_ratio_loss,
     topk_mask,
-    update_threshold,
     with_prefix,
 )
 
@@ -145,7 +149,7 @@ class TPCState:
     probs: dict[int, Tensor] = field(default_factory=dict)
 
 
-class TPCReducer(TokenReducer):
+class TPCReducer(CalibratedThresholds, TokenReducer):
     """Token propagation controller with pause and restart (after Zhu, 2024); see the module docstring.
 
     Args:
@@ -161,6 +165,8 @@ class TPCReducer(TokenReducer):
             ``'fixed'`` (exactly ceil(target * N) tokens of highest s per image).
         threshold_momentum: EMA momentum of the threshold calibration, in (0, 1].
     """
+
+    keeps_token_set = True  # pruned / paused tokens stay in the token tensor
 
     def __init__(
         self,
@@ -209,6 +215,7 @@ class TPCReducer(TokenReducer):
         self.inference = inference
         self.threshold_momentum = threshold_momentum
         self.calibrating = False
+        self.threshold_blocks = blocks
         self.index_of = {block: g for g, block in enumerate(blocks)}
         self.controllers = nn.ModuleList(TPCController(embed_dim) for _ in blocks)
         self.stabilizers = nn.ModuleList(TPCStabilizer(embed_dim) for _ in blocks) if stabilizer else None
@@ -223,11 +230,6 @@ class TPCReducer(TokenReducer):
             f"controlled_blocks={self.controlled_blocks}, keep_targets={self.keep_targets}, "
             f"stabilizer={self.stabilizers is not None}, inference={self.inference!r}"
         )
-
-    def reset_thresholds(self) -> None:
-        """Forget the calibrated thresholds: inference falls back to the fixed rule until recalibrated."""
-        self.thresholds.zero_()
-        self.calibration_steps.zero_()
 
     # the three calls of the backbone
 
@@ -250,7 +252,7 @@ class TPCReducer(TokenReducer):
         if was_active is not None:
             s = torch.where(was_active, s, p[..., RESTART].detach())
         if self.training or self.calibrating:
-            self._update_threshold(g, s)
+            self._update_threshold(g, s, floor=None)
         if self.training:
             active = self._sample(logits, state.active)
             active = force_min_keep(active, s, self.min_keep)
@@ -336,20 +338,16 @@ class TPCReducer(TokenReducer):
         return patch + self.stabilizers[g](patch, state.hw)
 
     def _decide(self, g: int, s: Tensor) -> Tensor:
-        """(B, N) probability of running -> (B, N) bool decision at inference."""
+        """(B, N) probability of running -> (B, N) bool decision at inference, by the rule
+        :meth:`inference_rules` names for block ``g``."""
         target = self.keep_targets[g]
         if target >= 1.0:
             keep = torch.ones_like(s, dtype=torch.bool)
-        elif self.inference == "fixed" or not bool(self.calibration_steps[g]):
+        elif self._block_rule(g)[0] == "fixed":
             keep = topk_mask(s, keep_count(target, s.shape[1]))
         else:
             keep = s >= self.thresholds[g]
         return keep | topk_mask(s, self.min_keep)
-
-    def _update_threshold(self, g: int, s: Tensor) -> None:
-        update_threshold(
-            self.thresholds, self.calibration_steps, g, s, self.keep_targets[g], self.threshold_momentum, floor=None
-        )
 
     def _record(self, index: int, active: Tensor, was_active: Tensor | None, state: TPCState) -> None:
         mask = active.detach() > 0.5 if active.is_floating_point() else active
