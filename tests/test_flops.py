@@ -82,6 +82,24 @@ def test_token_counts_agree_with_what_the_linear_layers_ran():
         assert seen == macs.tokens[i, 0].item() * per_token
 
 
+def test_windowed_blocks_count_attention_per_padded_window():
+    """ViTDet's windowed blocks: a 7 x 10 grid in windows of 4 is padded to 8 x 12, 6 windows of 16 tokens;
+    qkv and proj run on the 96 padded tokens, attention within each window, the MLP on the 70 real tokens.
+    The hand count is written here; forward hooks on the linear layers confirm the token counts."""
+    torch.manual_seed(0)
+    c = 64
+    vit = ViT(img_size=64, embed_dim=c, depth=4, num_heads=4, window_size=4, global_block_indexes=(3,))
+    x = torch.randn(1, 3, 7 * 16, 10 * 16)
+    with LayerMacCounter(vit.blocks) as counter:
+        macs = count_backbone_macs(vit, x)
+    windowed = 96 * 4 * c * c + 2 * 6 * 16 * 16 * c + 70 * 8 * c * c
+    assert macs.blocks[:3, 0].tolist() == [windowed] * 3
+    assert macs.blocks[3, 0].item() == hand_block(70, c)  # the global block
+    for i in range(3):
+        linear = {k.split(".", 1)[1]: v for k, v in counter.macs.items() if k.startswith(f"{i}.")}
+        assert linear["attn.qkv"] == 96 * 3 * c * c and linear["mlp.fc1"] == 70 * 4 * c * c
+
+
 def test_per_image_counts_and_padding():
     vit = small_vit()
     counts = torch.tensor([[24.0, 24.0], [20.0, 10.0], [12.0, 5.0], [8.0, 3.0]])

@@ -9,8 +9,9 @@ from mmengine.logging import print_log
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..models import SimpleFPN, ViT, load_timm_vit
+from ..models import SimpleFPN, ViT, load_timm_vit, load_vitdet_vit
 from ..models.reducers import build_reducer
+from ..models.simple_fpn import LayerNorm2d
 
 
 def init_backbone(
@@ -41,8 +42,11 @@ class TokenPruneViT(ViT):
         reducer: None (dense), or a token reducer's config, e.g. ``dict(type='SViT', keep_targets=[...])``
             (see ``tokenprune.models.reducers.REDUCERS``).
         init_cfg: None (random init), or ``dict(type='Pretrained', checkpoint=PATH)`` with a local timm/DeiT
-            ViT state dict; the classifier is dropped, position embeddings resampled, keys reported.
-        **kwargs: The other arguments of :class:`tokenprune.models.ViT`.
+            ViT state dict; the classifier is dropped, position embeddings resampled, keys reported. A ViTDet
+            backbone (window attention or relative positions) or a ``.pkl`` file is loaded with
+            :func:`tokenprune.models.load_vitdet_vit`: MAE pre-training, detectron2 or MMDetection ViTDet weights.
+        **kwargs: The other arguments of :class:`tokenprune.models.ViT` (e.g. ViTDet's ``window_size``,
+            ``global_block_indexes``, ``use_rel_pos``, ``rel_pos_input_size``, ``norm_eps``).
     """
 
     def __init__(self, reducer: dict | None = None, init_cfg: dict | None = None, **kwargs) -> None:
@@ -52,8 +56,10 @@ class TokenPruneViT(ViT):
         """Called by the runner before training: loads ``init_cfg``'s checkpoint, if any."""
         if self.init_cfg is None:
             return
-        report = load_timm_vit(self, self.init_cfg["checkpoint"])
-        print_log(f"TokenPruneViT: weights from {self.init_cfg['checkpoint']}: {report}", logger="current")
+        checkpoint = self.init_cfg["checkpoint"]
+        vitdet = self.window_block_indexes or self.use_rel_pos or str(checkpoint).endswith(".pkl")
+        report = (load_vitdet_vit if vitdet else load_timm_vit)(self, checkpoint)
+        print_log(f"TokenPruneViT: weights from {checkpoint}: {report}", logger="current")
 
     def forward(self, x: Tensor) -> tuple[Tensor]:
         return (super().forward(x),)
@@ -61,3 +67,6 @@ class TokenPruneViT(ViT):
 
 MODELS.register_module(name="ViTDetFPN", module=SimpleFPN)
 ViTDetFPN = SimpleFPN
+# the channel LayerNorm of ViTDet's LN heads, for ``norm_cfg=dict(type='ViTDetLN2d', eps=1e-6)`` (MMDetection's
+# ViTDet project registers its own as 'LN2d'; a different name, so both can be imported)
+MODELS.register_module(name="ViTDetLN2d", module=LayerNorm2d)

@@ -23,15 +23,25 @@ CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
 
 @dataclass
 class LoadReport:
-    """What a conversion placed, dropped on purpose, and could not place."""
+    """What a conversion placed, dropped on purpose, and could not place.
+
+    ``resized``: tensors of the file resampled to the model's shape (e.g. relative-position tables for another
+    window); ``initialised``: model tensors this kind of file never holds, left at their initial values by
+    design (e.g. ViTDet's relative-position tables, which start at zero from MAE pre-training)."""
 
     loaded: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors; dropped on purpose: {self.dropped or 'none'}"]
+        if self.resized:
+            lines.append(f"resized to the model: {self.resized}")
+        if self.initialised:
+            lines.append(f"not in this kind of file, by design (left at their initial values): {self.initialised}")
         if self.missing:
             lines.append(f"missing in the file (left at their initial values): {self.missing}")
         if self.unexpected:

@@ -41,12 +41,18 @@ import torch
 from torch import Tensor, nn
 
 
-def block_macs(tokens: Tensor | float, block: nn.Module) -> Tensor:
+def block_macs(tokens: Tensor | float, block: nn.Module, grid_hw: tuple[int, int] | None = None) -> Tensor:
     """MACs of one :class:`tokenprune.models.vit.Block` run on ``tokens`` tokens attending to as many keys.
+
+    A windowed block (``block.window_size > 0``, ViTDet) runs densely on the ``grid_hw`` token grid, padded
+    to whole windows: its attention part (qkv, the per-window q @ k^T and attn @ v, the projection) runs on
+    every padded window, ``windows * ws^2`` tokens each attending to the ``ws^2`` of its window, its MLP on
+    the ``tokens`` real ones.
 
     Args:
         tokens: Token count n, a number or a tensor of any shape (e.g. (B,) per image).
         block: The block; its layer sizes are read from ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``.
+        grid_hw: The token grid (h, w); needed for a windowed block.
 
     Returns:
         MACs, float tensor of the shape of ``tokens``.
@@ -54,8 +60,16 @@ def block_macs(tokens: Tensor | float, block: nn.Module) -> Tensor:
     n = torch.as_tensor(tokens, dtype=torch.float64)
     attn, mlp = block.attn, block.mlp
     dim = attn.qkv.out_features // 3
-    per_token = sum(layer.in_features * layer.out_features for layer in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2))
-    return n * per_token + 2.0 * n * n * dim
+    attn_linear = sum(layer.in_features * layer.out_features for layer in (attn.qkv, attn.proj))
+    mlp_linear = sum(layer.in_features * layer.out_features for layer in (mlp.fc1, mlp.fc2))
+    ws = getattr(block, "window_size", 0)
+    if not ws:
+        return n * (attn_linear + mlp_linear) + 2.0 * n * n * dim
+    if grid_hw is None:
+        raise ValueError("the MACs of a windowed block need the token grid: pass grid_hw")
+    windows = math.ceil(grid_hw[0] / ws) * math.ceil(grid_hw[1] / ws)
+    padded = windows * ws * ws
+    return n * mlp_linear + torch.full_like(n, padded * attn_linear + 2.0 * windows * (ws * ws) ** 2 * dim)
 
 
 def patch_embed_macs(backbone: nn.Module, img_hw: tuple[int, int]) -> int:
@@ -144,7 +158,7 @@ def macs_from_counts(
             f"{img_hw[1]} input: pass the image size of the forward the counts come from"
         )
     batch = counts.shape[1]
-    blocks = torch.stack([block_macs(counts[i], blk) for i, blk in enumerate(backbone.blocks)])
+    blocks = torch.stack([block_macs(counts[i], blk, (h, w)) for i, blk in enumerate(backbone.blocks)])
     extra = torch.as_tensor(extra, dtype=torch.float64).detach().cpu().expand(batch).clone()
     embed = torch.full((batch,), float(patch_embed_macs(backbone, img_hw)), dtype=torch.float64)
     n = torch.full((batch,), float(num_tokens), dtype=torch.float64)

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of a (B, C, H, W) map."""
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map (detectron2's ``LayerNorm``, MMDetection ViTDet's
+    ``LN2d``). A subclass of ``nn.LayerNorm`` (same ``weight`` and ``bias``), so optimizer rules for norm
+    layers (mmengine's ``norm_decay_mult``) and mmcv's ``build_norm_layer`` recognise it.
+
+    Args:
+        channels: Channels C.
+        eps: Added to the variance (1e-6 as in ViTDet).
+    """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
+        super().__init__(channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
