@@ -13,9 +13,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools/analysis_tools"))
 
-import benchmark  # noqa: E402
+import benchmark  # noqa: E402  (the command line: tools/analysis_tools/benchmark.py)
 import get_flops  # noqa: E402
 
+from tokenprune.mmdet_plugin import benchmarking as det_bench  # noqa: E402
 from tokenprune.models.reducers import REDUCERS  # noqa: E402
 
 SVIT_TINY = 'svit=SViT:{"gated_blocks": [1, 2, 3], "keep_targets": [0.7, 0.5, 0.3], "inference": "fixed"}'
@@ -174,7 +175,7 @@ def test_fixed_head_work_gives_every_image_the_same_proposals_and_detections(tmp
         cfg = Config.fromfile(dense_cfg)
         cfg.model.test_cfg.rpn.update(nms_pre=4000, max_per_img=2000)  # more proposals than NMS lets through
         if mode == "fixed":
-            benchmark.fix_head_work(cfg.model)
+            det_bench.fix_head_work(cfg.model)
         init_default_scope("mmdet")
         torch.manual_seed(0)
         model = MODELS.build(cfg.model).eval()
@@ -194,14 +195,14 @@ def test_fixed_head_work_gives_every_image_the_same_proposals_and_detections(tmp
 
 def test_head_work_warning_names_the_models():
     same = {k: {"rest_macs_by_part": {"roi_head": 5e9}} for k in ("dense", "svit")}
-    assert benchmark.head_work_note(same) is None
+    assert det_bench.head_work_note(same) is None
     differ = {"dense": {"rest_macs_by_part": {"roi_head": 5e9}}, "svit": {"rest_macs_by_part": {"roi_head": 2e9}}}
-    note = benchmark.head_work_note(differ)
+    note = det_bench.head_work_note(differ)
     assert note.startswith("WARNING") and "dense 5.00" in note and "svit 2.00" in note
-    assert benchmark.resolve_head_work("auto", ["a.pth", None]) == "fixed"
-    assert benchmark.resolve_head_work("auto", ["a.pth", "b.pth"]) == "configured"
+    assert det_bench.resolve_head_work("auto", ["a.pth", None]) == "fixed"
+    assert det_bench.resolve_head_work("auto", ["a.pth", "b.pth"]) == "configured"
     with pytest.raises(ValueError, match="two-stage"):
-        benchmark.fix_head_work({"test_cfg": {}})
+        det_bench.fix_head_work({"test_cfg": {}})
 
 
 def test_get_flops_detector_on_dataset_images(tmp_path):
@@ -246,7 +247,7 @@ def test_svit_gate_cost_replays_the_gates_without_computing_them(tmp_path):
     calls = []
 
     class CountingGate(torch.nn.Module):
-        def forward(self, x):
+        def forward(self, x, policy=None):
             calls.append(1)
             return x * 2
 
@@ -268,3 +269,35 @@ def test_svit_gate_cost_replays_the_gates_without_computing_them(tmp_path):
     for row in result["batches"].values():
         assert set(row["ms"]) == {"dense", "svit", "svit_no_gates"}
         assert math.isfinite(row["gates_share_of_dense"]) and math.isfinite(row["gates_share_of_svit"])
+
+
+def test_gpu_benchmark_script_on_cpu_without_mmdetection(tmp_path):
+    """The GPU run's script, with its device switched to the CPU and tiny settings: torch + timm only, every
+    model of every setting in results.json and table.md, a setting past the budget named as skipped."""
+    out = tmp_path / "gpu"
+    code = (
+        "import runpy, sys\n"
+        "for m in ('mmdet', 'mmengine', 'mmcv'): sys.modules[m] = None\n"
+        "sys.argv = ['gpu_benchmark.py', '--device', 'cpu', '--arch', 'deit-t', '--depth', '4', '--sizes', "
+        f"'64x64', '32x48', '--batches', '1', '2', '--amp', 'none', 'bf16', '--runs', '1', '--warmup', '0', "
+        f"'--models', 'none', {SVIT_TINY!r}, 'ToMe', '--out-dir', {str(out)!r}]\n"
+        "try:\n"
+        "    runpy.run_path('tools/analysis_tools/gpu_benchmark.py', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "assert not any(sys.modules.get(m) for m in ('mmdet', 'mmengine', 'mmcv'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    settings = [(tuple(r["size"]), r["amp"]) for r in result["runs"]]
+    assert settings == [((64, 64), "none"), ((64, 64), "bf16"), ((32, 48), "none"), ((32, 48), "bf16")]
+    for run in result["runs"]:
+        assert [r["batch"] for r in run["result"]["results"]] == [1, 2]
+        assert list(run["result"]["results"][0]["models"]) == ["dense", "svit", "ToMe"]
+    table = (out / "table.md").read_text()
+    assert table.count("| svit |") == 4 and "## 32x48, bf16" in table
+
+    gpu_benchmark = __import__("gpu_benchmark")
+    note = gpu_benchmark.markdown(result["runs"][:1], ["800x1344 fp16: budget of 1 s spent"], "cpu")
+    assert "Skipped (time budget or error): 800x1344 fp16: budget of 1 s spent" in note

@@ -24,9 +24,9 @@ import os.path as osp
 import sys
 from collections.abc import Sequence
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), "projects"))
 
-import benchmark as bench  # noqa: E402  (also puts projects/ on the path)
+import tokenprune.benchmarking as bench  # noqa: E402
 
 
 def print_blocks(title: str, models: dict[str, dict]) -> None:
@@ -84,16 +84,18 @@ def run_backbone(args: argparse.Namespace) -> dict:
 
 
 def run_detector(args: argparse.Namespace) -> dict:
+    from tokenprune.mmdet_plugin import benchmarking as det_bench
+
     device = bench.setup_device(args)
-    settings = bench.detector_settings(args)
-    detectors, cfgs = bench.build_detectors(args)
+    settings = det_bench.detector_settings(args)
+    detectors, cfgs = det_bench.build_detectors(args)
     settings["head_work"] = args.head_work
     ctx = lambda: bench.autocast(device, args.amp)  # noqa: E731
     reference = next(iter(detectors))
     results = []
     for batch in args.batch:
-        data = bench.detector_data(args, detectors, cfgs[0], batch)
-        models = bench.detector_flops(detectors, data, ctx, reference)
+        data = det_bench.detector_data(args, detectors, cfgs[0], batch)
+        models = det_bench.detector_flops(detectors, data, ctx, reference)
         shapes = sorted({tuple(d["inputs"].shape[-2:]) for d in data[reference]})
         images = batch * len(data[reference])
         results.append({"batch": batch, "num_images": images, "input_hw": [list(s) for s in shapes], "models": models})

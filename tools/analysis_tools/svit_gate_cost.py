@@ -22,11 +22,9 @@ import sys
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), "projects"))
 
-from benchmark import ARCHS, Candidate, Timer, percentiles, time_round_robin  # noqa: E402
-
+from tokenprune.benchmarking import ARCHS, Candidate, Timer, percentiles, time_round_robin  # noqa: E402
 from tokenprune.models import ViT  # noqa: E402
 from tokenprune.models.reducers import SViTReducer  # noqa: E402
 
@@ -42,9 +40,9 @@ class ReplayGate(nn.Module):
         self.outputs: list[Tensor] = []
         self.calls = 0
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, policy: Tensor | None = None) -> Tensor:
         if self.record:
-            self.outputs.append(self.gate(x))
+            self.outputs.append(self.gate(x, policy))
             return self.outputs[-1]
         out = self.outputs[self.calls % len(self.outputs)]
         self.calls += 1

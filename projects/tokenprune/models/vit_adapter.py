@@ -39,15 +39,11 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from .reducers.base import TokenReducer, dense_token_counts
-from .reducers.svit import SViTReducer
-from .reducers.tpc import TPCReducer
 from .vit import ViT
 
 DEFAULT_INTERACTION_INDEXES = ((0, 2), (3, 5), (6, 8), (9, 11))
 PAD_DIVISOR = 32  # the coarsest level, c4, has stride 32
 REDUCER_SCOPES = ("auto", "backbone", "stage")
-# reducers whose token tensor holds every token between blocks (pruned / paused tokens stay in place)
-COMPLETE_SET_REDUCERS = (SViTReducer, TPCReducer)
 
 Shapes = Sequence[tuple[int, int]]
 
@@ -559,7 +555,7 @@ class ViTAdapter(ViT):
     def resolve_scope(reducer: TokenReducer, scope: str) -> str:
         """'auto' -> 'backbone' for reducers that keep the token set complete, else 'stage'; ValueError for
         'stage' with such a reducer (its forward is meant to span all its blocks)."""
-        complete = getattr(reducer, "keeps_token_set", isinstance(reducer, COMPLETE_SET_REDUCERS))
+        complete = reducer.keeps_token_set
         if scope == "stage" and complete:
             raise ValueError(
                 f"{type(reducer).__name__} keeps every token in the map, so it runs over all stages in one forward: "

@@ -13,7 +13,7 @@ and afterwards keeps ``reducer.aux_losses(state)``, ``reducer.stats(state)``, ``
 ``state`` is a per-forward object the reducer defines; the reducer module itself holds only parameters and
 buffers, so one reducer serves any batch and image size.
 
-Dense-safe (METHODS.md section 6): whatever a reducer prunes, pauses or merges, :meth:`TokenReducer.finish`
+Dense-safe: whatever a reducer prunes, pauses or merges, :meth:`TokenReducer.finish`
 returns every token position: pruned or paused tokens keep their last value, merged tokens are copied back to
 all their source positions.
 """
@@ -34,7 +34,15 @@ class TokenReducer(nn.Module, metaclass=abc.ABCMeta):
 
     Shapes: B images, N = ``num_prefix`` + h*w tokens (prefix, e.g. a CLS token, first), C channels.
     Between :meth:`begin` and :meth:`finish` a reducer may hand the blocks fewer tokens than N.
+
+    Attributes:
+        keeps_token_set: True for a reducer whose token tensor holds all N tokens between blocks (pruned or
+            paused ones stay in place, e.g. SViT, TPC), so one forward may span any blocks; False (default)
+            for one that shrinks the set, whose forward must cover its blocks from :meth:`begin` to
+            :meth:`finish` (ViT-Adapter then runs one forward per stage).
     """
+
+    keeps_token_set: bool = False
 
     def check_backbone(self, depth: int, embed_dim: int) -> None:  # noqa: B027 (optional hook)
         """Called by the backbone's constructor; raise ValueError if the reducer does not fit the backbone."""

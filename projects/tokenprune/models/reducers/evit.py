@@ -1,7 +1,7 @@
 """EViT: keep the attentive tokens, fuse the inattentive ones into one token.
 
 Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations",
-ICLR 2022 (METHODS.md section 5). Training-free here: no parameters.
+ICLR 2022 (official code: github.com/youweiliang/evit). Training-free here: no parameters.
 
 At each block of ``reduce_blocks``, between its attention and its MLP (as the paper): the patch tokens of the
 current set (a fused token of an earlier step included) are scored by the attention of that block, the top

@@ -1,6 +1,6 @@
 """PPT: per image, prune inattentive tokens or pool duplicated ones, by a redundancy criterion.
 
-Wu et al., "PPT: Token Pruning and Pooling for Efficient Vision Transformers" (METHODS.md section 2). No
+Wu et al., "PPT: Token Pruning and Pooling for Efficient Vision Transformers". No
 trainable parameters. In each reducing block (default 3, 6, 9), between attention and MLP, per image:
 
 - score every patch token j: s_j = a_j * ||v_j||, a_j its attention from the class token summed over heads,

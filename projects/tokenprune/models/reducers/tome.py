@@ -1,10 +1,11 @@
 """ToMe: token merging by bipartite soft matching, with exact unmerge for dense prediction.
 
-Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (METHODS.md section 5). In every reducing
-block, between attention and MLP: the tokens alternate between sets A and B, each A token's edge is its most
-similar B token (cosine of the block's keys averaged over heads), and the r A tokens with the most similar
-edges are merged into their B token by a size-weighted average, sizes summed. A class token is never merged.
-Proportional attention adds log(size) to the attention logits of every following block. Training-free.
+Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023 (official code:
+github.com/facebookresearch/ToMe). In every reducing block, between attention and MLP: the tokens alternate
+between sets A and B, each A token's edge is its most similar B token (cosine of the block's keys averaged
+over heads), and the r A tokens with the most similar edges are merged into their B token by a size-weighted
+average, sizes summed. A class token is never merged. Proportional attention adds log(size) to the attention
+logits of every following block. Training-free.
 
 Dense use: every merge is remembered (:class:`tokenprune.models.reducers.merging.MergeState`), and
 :meth:`finish` copies each final token back to all the positions it was merged from (ToMe's unmerge), so the

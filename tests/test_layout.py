@@ -1,0 +1,50 @@
+"""The project's layering: command-line scripts share code through the package, never by importing each other,
+and the torch-only package modules import no MMDetection."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "tools").rglob("*.py"))
+
+
+def imported_modules(path: Path, top_level_only: bool = False) -> set[str]:
+    """Top-level package names a file imports (with ``top_level_only``, only at module level: imports inside
+    functions run only when that function is called)."""
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body if top_level_only else ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_script_imports_another_script():
+    stems = {p.stem for p in SCRIPTS}
+    offenders = {str(p.relative_to(ROOT)): sorted(imported_modules(p) & stems) for p in SCRIPTS}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_torch_only_modules_import_no_mmdetection_at_module_level():
+    torch_only = [
+        ROOT / "projects/tokenprune/benchmarking.py",
+        *sorted((ROOT / "projects/tokenprune/models").rglob("*.py")),
+    ]
+    heavy = {"mmdet", "mmengine", "mmcv"}
+    offenders = {str(p.relative_to(ROOT)): sorted(imported_modules(p, top_level_only=True) & heavy) for p in torch_only}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_docs_and_code_cite_no_file_outside_the_repository():
+    """The project's docs carry their own method facts: no pointer to notes outside the repository."""
+    files = [p for ext in ("*.py", "*.md", "*.sh") for p in ROOT.rglob(ext)]
+    files = [p for p in files if not {".venv", "data", "work_dirs", ".git"} & set(p.relative_to(ROOT).parts)]
+    this = Path(__file__).resolve()
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in files
+        if p != this and any(s in p.read_text(errors="ignore") for s in ("METHODS.md", "../shared"))
+    ]
+    assert offenders == []
