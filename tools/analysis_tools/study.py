@@ -25,10 +25,18 @@ A study file is an MMEngine config (Python) with:
   seed-to-seed noise; ``targets``: ``dict(title=..., a=entry, b=entry, max_drop=0.5)``, a met when its mean
   box and mask mAP are at most ``max_drop`` points (mAP x 100) below b's.
 
-Every step of every run is skipped when its output exists (``train_done.json``, ``metrics.json``, the
-benchmark JSON), and training itself resumes from the last checkpoint (``--resume``), so a killed study
-continues where it stopped. Each run's resolved config is written to its folder as ``<name>.py``: that file
-alone reproduces the run. The per-seed benchmark runs once every run of that seed is evaluated.
+Resuming: a run whose record is in ``results.json`` is done, whether or not its folder is still there, so a
+study spans sessions and machines by committing ``results.json`` as records arrive. Inside a run every step
+is skipped when its output exists (``train_done.json``, ``metrics.json``, ``bench_*.json``) and training
+resumes from the last checkpoint (``--resume``), so a killed study continues where it stopped. A pending run
+whose starting checkpoint is gone (a fresh checkout) retrains that start first: every run is seeded, so on
+the same kind of machine it is the same checkpoint. Each run's resolved config is written to its folder as
+``<name>.py``: that file alone reproduces the run.
+
+Speed: each run's backbone is timed against its starting model (``init``; the dense model for a fine-tune
+or a training-free entry), side by side in one run of ``benchmark.py detector --backbone-only`` on the test
+images, so every record carries its own measured speed-ups (``speedup_b1``, ``speedup_b4``, ...). Entries
+without ``init`` are the reference itself: speed-up 1.
 """
 
 from __future__ import annotations
@@ -172,9 +180,8 @@ def last_checkpoint(wd: str) -> str:
         return f.read().strip()
 
 
-def run_one(study: dict, entry: dict, seed: int) -> dict:
-    """Train (unless training-free) and evaluate one entry at one seed, skipping what is done; returns its
-    record without the benchmark figures."""
+def train_run(study: dict, entry: dict, seed: int) -> str:
+    """Train one run unless it is done or training-free; returns its resolved config."""
     name, wd = entry["name"], run_dir(study, entry["name"], seed)
     os.makedirs(wd, exist_ok=True)
     config = resolved_config(study, entry, seed, wd)
@@ -186,6 +193,14 @@ def run_one(study: dict, entry: dict, seed: int) -> dict:
         done = {"checkpoint": last_checkpoint(wd), "seconds_last_session": time.perf_counter() - start}
         with open(done_path, "w") as f:
             json.dump(done, f, indent=2)
+    return config
+
+
+def run_one(study: dict, entry: dict, seed: int) -> dict:
+    """Train (unless training-free), evaluate and time one entry at one seed, skipping what is done; returns
+    its record."""
+    name, wd = entry["name"], run_dir(study, entry["name"], seed)
+    config = train_run(study, entry, seed)
     checkpoint = final_checkpoint(study, name, seed)
     metrics_path = osp.join(wd, "metrics.json")
     if not osp.isfile(metrics_path):
@@ -194,6 +209,8 @@ def run_one(study: dict, entry: dict, seed: int) -> dict:
             ["tools/test.py", config, checkpoint, "--work-dir", osp.join(wd, "test"), "--metrics-out", metrics_path],
             osp.join(wd, "test.log"),
         )
+    if entry.get("init") is not None and not study.get("no_benchmark"):
+        run_benchmark(study, entry, seed, config, checkpoint)
     return collect(study, entry, seed, config, checkpoint)
 
 
@@ -232,39 +249,37 @@ def collect(study: dict, entry: dict, seed: int, config: str, checkpoint: str) -
     if osp.isfile(done):
         with open(done) as f:
             record["train_seconds_last_session"] = json.load(f)["seconds_last_session"]
+    add_speed(study, entry, seed, record)
     return record
 
 
 # ---------------------------------------------------------------------------------------------------------
-# speed, per seed: every model of that seed against the reference, side by side in one run
+# speed: each run against its starting model, side by side in one run
 
 
 def size_tag(size) -> str:
     return "data" if size is None else f"{size}"
 
 
-def bench_path(study: dict, seed: int, size) -> str:
-    return osp.join(ROOT, study["work_root"], "benchmark", f"seed{seed}_{size_tag(size)}.json")
+def bench_path(study: dict, name: str, seed: int, size) -> str:
+    return osp.join(run_dir(study, name, seed), f"bench_{size_tag(size)}.json")
 
 
-def run_benchmark(study: dict, seed: int, records: list[dict]) -> None:
-    """Time the backbones of every run of ``seed`` (reference first) on the test images, once per size."""
+def run_benchmark(study: dict, entry: dict, seed: int, config: str, checkpoint: str) -> None:
+    """Time this run's backbone against its starting model's on the test images, once per size."""
     bench = study["benchmark"]
-    ref = study["reference"]
-    ordered = sorted(records, key=lambda r: r["name"] != ref)
-    if not ordered or ordered[0]["name"] != ref:
-        return
-    configs = [osp.join(run_dir(study, r["name"], seed), f"{r['name']}.py") for r in ordered]
-    checkpoints = [osp.join(ROOT, r["checkpoint"]) for r in ordered]
+    init, iseed = entry["init"], init_seed(entry, seed)
+    ref_config = osp.join(run_dir(study, init, iseed), f"{init}.py")
+    ref_checkpoint = final_checkpoint(study, init, iseed)
     for size in bench.get("sizes", [None]):
-        out = bench_path(study, seed, size)
+        out = bench_path(study, entry["name"], seed, size)
         if osp.isfile(out):
             continue
-        os.makedirs(osp.dirname(out), exist_ok=True)
-        log(f"benchmark seed {seed} at {size_tag(size)} ({len(configs)} models)")
-        args = ["tools/analysis_tools/benchmark.py", "detector", *configs, "--checkpoints", *checkpoints]
-        args += ["--dataset", "--num-images", str(bench["num_images"]), "--backbone-only"]
-        args += ["--batch", *map(str, bench["batch"]), "--runs", str(bench["runs"]), "--warmup", str(bench["warmup"])]
+        log(f"benchmark {entry['name']} seed {seed} against {init} at {size_tag(size)}")
+        args = ["tools/analysis_tools/benchmark.py", "detector", ref_config, config]
+        args += ["--checkpoints", ref_checkpoint, checkpoint, "--dataset", "--num-images", str(bench["num_images"])]
+        args += ["--backbone-only", "--batch", *map(str, bench["batch"])]
+        args += ["--runs", str(bench["runs"]), "--warmup", str(bench["warmup"])]
         if bench.get("threads"):
             args += ["--threads", str(bench["threads"])]
         if size is not None:
@@ -273,26 +288,30 @@ def run_benchmark(study: dict, seed: int, records: list[dict]) -> None:
         os.replace(out + ".tmp", out)
 
 
-def add_speed(study: dict, records: list[dict]) -> None:
-    """Put each benchmark's backbone speed-ups into the records of its seed."""
-    for r in records:
-        for size in study["benchmark"].get("sizes", [None]):
-            path = bench_path(study, r["seed"], size)
-            if not osp.isfile(path):
+def add_speed(study: dict, entry: dict, seed: int, record: dict) -> None:
+    """Put the run's measured backbone speed-ups into its record (1 for the reference entries)."""
+    for size in study["benchmark"].get("sizes", [None]):
+        suffix = "" if size is None else f"_{size}"
+        if entry.get("init") is None:
+            for b in study["benchmark"].get("batch", [1]):
+                record[f"speedup_b{b}{suffix}"] = 1.0
+            continue
+        path = bench_path(study, entry["name"], seed, size)
+        if not osp.isfile(path):
+            continue
+        with open(path) as f:
+            result = json.load(f)
+        label = entry["name"]
+        for res in result["results"]:
+            model = res["models"].get(label) or res["models"].get(f"{label}#1")
+            if model is None:
                 continue
-            with open(path) as f:
-                result = json.load(f)
-            suffix = "" if size is None else f"_{size}"
-            for res in result["results"]:
-                model = res["models"].get(r["name"])
-                if model is None:
-                    continue
-                b = res["batch"]
-                r[f"speedup_b{b}{suffix}"] = model["backbone"]["speedup"]
-                r[f"speedup_best_b{b}{suffix}"] = model["backbone"]["speedup_best"]
-                r[f"bench_flop_bound_b{b}{suffix}"] = model["backbone"]["flop_bound"]
-                r[f"measured_over_bound_b{b}{suffix}"] = model["backbone"]["measured_over_bound"]
-                r[f"bench_input_hw{suffix}"] = res["input_hw"]
+            b = res["batch"]
+            record[f"speedup_b{b}{suffix}"] = model["backbone"]["speedup"]
+            record[f"speedup_best_b{b}{suffix}"] = model["backbone"]["speedup_best"]
+            record[f"bench_flop_bound_b{b}{suffix}"] = model["backbone"]["flop_bound"]
+            record[f"measured_over_bound_b{b}{suffix}"] = model["backbone"]["measured_over_bound"]
+            record[f"bench_input_hw{suffix}"] = res["input_hw"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -483,14 +502,42 @@ def render(study: dict, records: list[dict]) -> str:
     return text
 
 
-def write_results(study: dict, records: list[dict]) -> None:
-    out_dir = osp.join(ROOT, study["out_dir"])
-    os.makedirs(out_dir, exist_ok=True)
-    path = osp.join(out_dir, "results.json")
-    data = {"study": study["path"], "seeds": study["seeds"], "reference": study["reference"], "records": records}
+def results_path(study: dict) -> str:
+    return osp.join(ROOT, study["out_dir"], "results.json")
+
+
+def load_records(study: dict) -> dict[tuple[str, int], dict]:
+    """The records in ``results.json`` (those of the study's current entries), by (name, seed)."""
+    path = results_path(study)
+    if not osp.isfile(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    names = by_name(study)
+    return {(r["name"], r["seed"]): r for r in data.get("records", []) if r.get("name") in names}
+
+
+def write_results(study: dict, records: dict[tuple[str, int], dict]) -> None:
+    """``results.json``, records in the study's entry and seed order."""
+    order = {e["name"]: i for i, e in enumerate(study["entries"])}
+    rows = sorted(records.values(), key=lambda r: (order[r["name"]], r["seed"]))
+    path = results_path(study)
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    data = {"study": study["path"], "seeds": study["seeds"], "reference": study["reference"], "records": rows}
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
+
+
+def ensure_checkpoint(study: dict, entry: dict, seed: int) -> None:
+    """A recorded run that a pending one starts from: retrain it if its checkpoint is not in this checkout."""
+    if not entry.get("train", True):
+        ensure_checkpoint(study, by_name(study)[entry["init"]], init_seed(entry, seed))
+    elif final_checkpoint(study, entry["name"], seed) is None:
+        log(f"{entry['name']} seed {seed} is recorded but its checkpoint is not here: training it again (seeded)")
+        train_run(study, entry, seed)
+    else:
+        resolved_config(study, entry, seed, run_dir(study, entry["name"], seed))
 
 
 def order_runs(study: dict, only: set[str] | None, seeds: set[int] | None) -> list[tuple[dict, int]]:
@@ -521,25 +568,12 @@ def needed_inits(study: dict, runs: list[tuple[dict, int]]) -> list[tuple[dict, 
     return out
 
 
-def load_records(study: dict) -> list[dict]:
-    """Records of every finished run of the study (whatever selection ran them), with the speed figures."""
-    records = []
-    for e in study["entries"]:
-        for seed in seeds_of(study, e):
-            wd = run_dir(study, e["name"], seed)
-            ckpt = final_checkpoint(study, e["name"], seed)
-            if osp.isfile(osp.join(wd, "metrics.json")) and ckpt is not None:
-                records.append(collect(study, e, seed, osp.join(wd, f"{e['name']}.py"), ckpt))
-    add_speed(study, records)
-    return records
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("study", help="the study file (e.g. configs/study/shapes.py)")
     parser.add_argument("--only", nargs="+", help="run these entries only (and what they start from)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run these seeds only")
-    parser.add_argument("--render-only", action="store_true", help="collect and render finished runs, run nothing")
+    parser.add_argument("--render-only", action="store_true", help="render results.json again, run nothing")
     parser.add_argument("--no-benchmark", action="store_true", help="skip the speed measurement")
     args = parser.parse_args(argv)
     study = load_study(args.study)
@@ -548,35 +582,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"study: --only names unknown entries {sorted(unknown)}; entries: {list(by_name(study))}")
     failures = []
+    records = load_records(study)
+    study["no_benchmark"] = args.no_benchmark
     if not args.render_only:
         selection = order_runs(study, set(args.only) if args.only else None, set(args.seeds or []) or None)
-        runs = needed_inits(study, selection)
-        log(f"{len(runs)} runs in this selection")
+        pending = [(e, s) for e, s in selection if (e["name"], s) not in records]
+        runs = needed_inits(study, pending)
+        log(f"{len(pending)} of {len(selection)} runs in this selection still to do")
         for entry, seed in runs:
             try:
-                run_one(study, entry, seed)
+                if (entry["name"], seed) in records:
+                    ensure_checkpoint(study, entry, seed)
+                    continue
+                records[(entry["name"], seed)] = run_one(study, entry, seed)
             except RuntimeError as e:  # a failed run is reported and the study goes on with the others
                 failures.append(str(e))
                 log(f"FAILED: {e}")
-            records = load_records(study)
+                continue
             write_results(study, records)
-            render(study, records)
-        if not args.no_benchmark:
-            records = load_records(study)
-            for seed in sorted({s for _, s in runs}):
-                of_seed = [r for r in records if r["seed"] == seed]
-                expected = [e for e in study["entries"] if seed in seeds_of(study, e)]
-                if len(of_seed) == len(expected):
-                    try:
-                        run_benchmark(study, seed, of_seed)
-                    except RuntimeError as e:
-                        failures.append(str(e))
-                        log(f"FAILED: {e}")
-                else:
-                    log(f"benchmark of seed {seed} waits for {len(expected) - len(of_seed)} unfinished runs")
-    records = load_records(study)
+            render(study, list(records.values()))
     write_results(study, records)
-    render(study, records)
+    render(study, list(records.values()))
     log(f"{len(records)} runs collected -> {study['out_dir']}/results.json, {study['report']}")
     for f in failures:
         log(f"FAILED: {f}")
