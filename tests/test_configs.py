@@ -48,6 +48,7 @@ def test_configs_exist():
 def test_config_builds_trains_and_predicts(path):
     cfg = Config.fromfile(str(path))
     assert cfg.custom_imports["imports"] == ["tokenprune"]
+    assert isinstance(cfg.randomness.seed, int)  # every run is seeded: the same command repeats its figures
     cfg.model.backbone.init_cfg = None  # pretrained files are not on this machine
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
