@@ -101,6 +101,25 @@ def convert_timm_vit(state_dict: dict[str, Tensor], model: ViT) -> tuple[dict[st
     return sd, dropped
 
 
+def fitting_tensors(model: ViT, sd: dict[str, Tensor], strict_shapes: bool = True) -> dict[str, Tensor]:
+    """The tensors of a converted state dict that fit ``model`` (its keys, its shapes). With ``strict_shapes``
+    a tensor of another shape means a file of another model size: :class:`WeightsMismatchError` naming the
+    backbone's size. Shared by every weight loader (timm/DeiT, ViTDet, official SViT / ViT-Adapter)."""
+    own = model.state_dict()
+    wrong = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong and strict_shapes:
+        raise WeightsMismatchError(
+            f"the weights file is for a different model size ({len(wrong)} tensors differ, e.g. {wrong[:3]}); "
+            f"this backbone has embed_dim={model.embed_dim}, depth={model.depth}, num_heads={model.num_heads}: "
+            "choose the backbone config that matches the file"
+        )
+    return {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+
+
 def load_timm_vit(model: ViT, source: str | os.PathLike | dict, strict_shapes: bool = True) -> LoadReport:
     """Load a timm/DeiT checkpoint (a path or an already loaded dict) into ``model`` and report the keys.
 
@@ -114,18 +133,7 @@ def load_timm_vit(model: ViT, source: str | os.PathLike | dict, strict_shapes: b
         source = torch.load(source, map_location="cpu", weights_only=True)
     sd, dropped = convert_timm_vit(unwrap_state_dict(source), model)
     own = model.state_dict()
-    wrong = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in sd.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if wrong and strict_shapes:
-        raise WeightsMismatchError(
-            f"the weights file is for a different model size ({len(wrong)} tensors differ, e.g. {wrong[:3]}); "
-            f"this backbone has embed_dim={model.embed_dim}, depth={model.depth}, num_heads={model.num_heads}: "
-            "choose the backbone config that matches the file"
-        )
-    fitting = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+    fitting = fitting_tensors(model, sd, strict_shapes)
     if not fitting:
         raise WeightsMismatchError(f"no tensor of the weights file fits the model (file keys: {list(sd)[:5]}...)")
     result = model.load_state_dict(fitting, strict=False)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsMismatchError
+from .convert import fitting_tensors
 from .vit import ViT, resize_pos_embed
 
 BACKBONE = "backbone."
@@ -286,17 +287,7 @@ def load_official(model: ViT, source: str | os.PathLike | dict, strict_shapes: b
     if "pos_embed" in sd:
         grid, side = pos_embed_grid(sd["pos_embed"])
         sd["pos_embed"] = resize_pos_embed(grid, model.pos_embed_hw, (side, side))
-    wrong = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in sd.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if wrong and strict_shapes:
-        raise WeightsMismatchError(
-            f"the checkpoint is for a different model ({len(wrong)} tensors differ, e.g. {wrong[:3]}); this backbone "
-            f"has embed_dim={model.embed_dim}, depth={model.depth}: choose the config that matches the file"
-        )
-    fitting = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+    fitting = fitting_tensors(model, sd, strict_shapes)
     if not fitting:
         raise WeightsMismatchError(f"no tensor of the checkpoint fits the model (keys: {list(sd)[:5]}...)")
     result = model.load_state_dict(fitting, strict=False)

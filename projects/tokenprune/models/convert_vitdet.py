@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import TokenPruneError, WeightsMismatchError
-from .convert import LoadReport
+from .convert import LoadReport, fitting_tensors
 from .vit import ViT, resize_pos_embed
 
 DETECTRON2_PREFIX = "backbone.net."
@@ -251,19 +251,7 @@ def load_vitdet_vit(model: ViT, source: str | os.PathLike | dict, strict_shapes:
         UnsafeWeightsError: A pickle holds other objects than arrays and containers.
     """
     sd, report = convert_vitdet_state_dict(read_weights(source), model)
-    own = model.state_dict()
-    wrong = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in sd.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if wrong and strict_shapes:
-        raise WeightsMismatchError(
-            f"the weights file is for a different model size ({len(wrong)} tensors differ, e.g. {wrong[:3]}); "
-            f"this backbone has embed_dim={model.embed_dim}, depth={model.depth}, num_heads={model.num_heads}: "
-            "choose the backbone config that matches the file"
-        )
-    fitting = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+    fitting = fitting_tensors(model, sd, strict_shapes)
     result = model.load_state_dict(fitting, strict=False)
     report.loaded = sorted(fitting)
     report.missing = sorted(k for k in result.missing_keys if k not in report.initialised)
