@@ -33,9 +33,13 @@ class MLPGate(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(dim // 4, 2)
 
+    def logits(self, x: Tensor) -> Tensor:
+        """Tokens (B, N, C) -> the two raw outputs per token (B, N, 2), before the log-softmax."""
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
     def forward(self, x: Tensor, policy: Tensor | None = None) -> Tensor:
         """Tokens (B, N, C) -> log-probabilities (B, N, 2) of (keep, prune); ``policy`` is not used."""
-        return F.log_softmax(self.fc2(self.act(self.fc1(self.norm(x)))), dim=-1)
+        return F.log_softmax(self.logits(x), dim=-1)
 
     def macs_per_token(self) -> int:
         """Multiply-accumulates of the linear layers for one token."""

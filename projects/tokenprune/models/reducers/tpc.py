@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .base import TokenReducer, dense_token_counts, keep_masks_to_token_maps
 from .dynamicvit import force_min_keep
+from .gates import MLPGate
 from .svit import (
     DEFAULT_KEEP_TARGETS,
     CalibratedThresholds,
@@ -79,23 +80,17 @@ def sample_bernoulli(logits: Tensor, tau: float = 1.0) -> Tensor:
     return hard - soft.detach() + soft
 
 
-class TPCController(nn.Module):
-    """Pause and restart logits per token: LayerNorm -> Linear(C, C/4) -> GELU -> Linear(C/4, 2).
+class TPCController(MLPGate):
+    """Pause and restart logits per token: SViT's gate network, LayerNorm -> Linear(C, C/4) -> GELU ->
+    Linear(C/4, 2), read as two independent logits (no softmax).
 
     Args:
         dim: Token channels C.
     """
 
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, dim // 4)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(dim // 4, 2)
-
     def forward(self, x: Tensor) -> Tensor:
         """Tokens (B, N, C) -> logits (B, N, 2) of (pause, restart)."""
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        return self.logits(x)
 
 
 class TPCStabilizer(nn.Module):
