@@ -79,8 +79,8 @@ def tiny_svit(**kwargs) -> SimpleNamespace:
     return SimpleNamespace(backbone=backbone)
 
 
-def test_hook_reports_each_blocks_rule_and_announces_the_fallback_once(tmp_path):
-    model = tiny_svit()
+def run_test_epoch(model, tmp_path):
+    """One test epoch of one batch through TokenStatsHook: the runner, the hook and the epoch's metrics."""
     runner, hook = fake_runner(model, tmp_path), TokenStatsHook()
     hook.before_test_epoch(runner)
     with torch.no_grad():
@@ -88,6 +88,12 @@ def test_hook_reports_each_blocks_rule_and_announces_the_fallback_once(tmp_path)
     hook.after_test_iter(runner, 0)
     metrics = {}
     hook.after_test_epoch(runner, metrics)
+    return runner, hook, metrics
+
+
+def test_hook_reports_each_blocks_rule_and_announces_the_fallback_once(tmp_path):
+    model = tiny_svit()
+    runner, hook, metrics = run_test_epoch(model, tmp_path)
     assert {k: v for k, v in metrics.items() if k.startswith("inference_rule/")} == {
         "inference_rule/block1": "fixed",
         "inference_rule/block2": "fixed",
@@ -112,13 +118,7 @@ def test_hook_reports_the_configured_rule(tmp_path, rule):
     model = tiny_svit(inference=rule, sample_seed=3)
     if rule == "threshold":
         model.backbone.reducer.calibration_steps.fill_(1)
-    runner, hook = fake_runner(model, tmp_path), TokenStatsHook()
-    hook.before_test_epoch(runner)
-    with torch.no_grad():
-        model.backbone(torch.randn(2, 3, 64, 96))
-    hook.after_test_iter(runner, 0)
-    metrics = {}
-    hook.after_test_epoch(runner, metrics)
+    runner, hook, metrics = run_test_epoch(model, tmp_path)
     assert [metrics[f"inference_rule/block{b}"] for b in (1, 2, 3)] == [rule] * 3
     assert metrics.get("inference_rule/sample_seed") == (3 if rule == "sample" else None)
     assert [level for level, _ in runner.logger.lines] == [logging.INFO]  # no fallback
