@@ -76,7 +76,7 @@ def assert_zero_budget_is_dense(model: ViT, training: bool) -> None:
         x = images(3, size)
         got, want = model(x), dense(x)
         assert (got - want).abs().max().item() < 1e-5
-    assert all(v.item() == 1.0 for k, v in model.last_stats.items() if k.startswith("keep_rate."))
+    assert all(v.item() == 1.0 for k, v in model.last_record.stats.items() if k.startswith("keep_rate."))
 
 
 @torch.no_grad()
@@ -133,14 +133,14 @@ def assert_extreme_budget_is_safe(model: ViT, keep_ratio: float) -> None:
         model.zero_grad()
         out = model(x)
         assert torch.isfinite(out).all()
-        assert (model.last_token_counts >= P + 1).all()
-        for ids in model.last_token_maps.values():
+        assert (model.last_record.token_counts >= P + 1).all()
+        for ids in model.last_record.token_maps.values():
             assert ((ids != PRUNED).sum(dim=1) >= 1).all()
         if training:
             out.square().mean().backward()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             assert grads and all(torch.isfinite(g).all() for g in grads)
     if keep_ratio == 1.0:
-        assert (model.last_token_counts == P + IMG[0] * IMG[1] // 256).all()
+        assert (model.last_record.token_counts == P + IMG[0] * IMG[1] // 256).all()
     else:
-        assert model.last_token_counts.min() < P + IMG[0] * IMG[1] // 256
+        assert model.last_record.token_counts.min() < P + IMG[0] * IMG[1] // 256

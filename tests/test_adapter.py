@@ -25,7 +25,7 @@ TINY = dict(
     conv_inplane=8,
     interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
 )
-GATED = dict(gated_blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])
+GATED = dict(blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])
 
 
 def tiny(reducer=None, **kwargs) -> ViTAdapter:
@@ -124,9 +124,9 @@ def test_block_norm_eps_reaches_the_blocks():
 
 
 KEEP_ALL = {
-    "SViT": dict(gated_blocks=[1, 2, 3], keep_targets=[1.0] * 3),
-    "EViT": dict(reduce_blocks=[1, 2, 3], keep_rate=1.0, score="mean_attention"),
-    "DynamicViT": dict(prune_blocks=[1, 2, 3], keep_ratios=[1.0] * 3),
+    "SViT": dict(blocks=[1, 2, 3], keep_targets=[1.0] * 3),
+    "EViT": dict(blocks=[1, 2, 3], keep_ratio=1.0, score="mean_attention"),
+    "DynamicViT": dict(blocks=[1, 2, 3], keep_targets=[1.0] * 3),
 }
 
 
@@ -142,7 +142,7 @@ def test_keeping_every_token_equals_dense(name):
         a, b = dense(x), pruned(x)
     assert pruned.scope == ("backbone" if name == "SViT" else "stage")
     assert all(torch.equal(u, v) for u, v in zip(a, b))
-    assert float(pruned.last_stats["keep_rate.mean"]) == 1.0
+    assert float(pruned.last_record.stats["keep_rate.mean"]) == 1.0
 
 
 def test_svit_pruning_changes_outputs_and_counts():
@@ -157,7 +157,7 @@ def test_svit_pruning_changes_outputs_and_counts():
     assert not torch.allclose(a[2], b[2])
     n = 4 * 6
     expected = [n, -(-0.7 * n // 1), -(-0.49 * n // 1), -(-0.343 * n // 1)]
-    assert pruned.last_token_counts.tolist() == [[c, c] for c in expected]
+    assert pruned.last_record.token_counts.tolist() == [[c, c] for c in expected]
 
 
 def test_stage_scope_merges_the_stages():
@@ -172,10 +172,10 @@ def test_stage_scope_merges_the_stages():
     assert model.scope == "stage"
     n = 4 * 6
     expected = [n] + [int(r * n) for r in (0.7, 0.49, 0.343)]
-    assert model.last_token_counts.tolist() == [[c, c] for c in expected]
-    assert {f"keep_rate.block{b}" for b in (1, 2, 3)} <= set(model.last_stats)
-    assert model.last_token_maps.keys() == {1, 2, 3}
-    assert model.last_extra_macs > 0
+    assert model.last_record.token_counts.tolist() == [[c, c] for c in expected]
+    assert {f"keep_rate.block{b}" for b in (1, 2, 3)} <= set(model.last_record.stats)
+    assert model.last_record.token_maps.keys() == {1, 2, 3}
+    assert model.last_record.extra_macs > 0
 
 
 def test_stage_scope_refused_for_svit():
@@ -186,22 +186,22 @@ def test_stage_scope_refused_for_svit():
 def test_svit_training_step():
     model = randomize(tiny(SViTReducer(DIM, **GATED))).train()
     outs = model(images(64, 96))
-    assert "loss_svit_ratio" in model.last_aux_losses
-    loss = sum(o.square().mean() for o in outs) + model.last_aux_losses["loss_svit_ratio"]
+    assert "loss_svit_ratio" in model.last_record.aux_losses
+    loss = sum(o.square().mean() for o in outs) + model.last_record.aux_losses["loss_svit_ratio"]
     loss.backward()
     for name in ("reducer.gates.0.fc1.weight", "reducer.gates.2.fc2.weight", "interactions.2.injector.gamma"):
         p = dict(model.named_parameters())[name]
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert set(model.last_stats) >= {f"keep_rate.block{b}" for b in (1, 2, 3)}
+    assert set(model.last_record.stats) >= {f"keep_rate.block{b}" for b in (1, 2, 3)}
 
 
 # every registered reducer: the ones that shrink the token set run per stage ('auto')
 
 REDUCER_KWARGS = {
     "SViT": GATED,
-    "EViT": dict(reduce_blocks=[1, 2, 3], keep_rate=0.7, score="mean_attention"),
-    "DynamicViT": dict(prune_blocks=[1, 2, 3], keep_ratios=[0.7, 0.49, 0.343]),
-    "TPC": dict(controlled_blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343]),
+    "EViT": dict(blocks=[1, 2, 3], keep_ratio=0.7, score="mean_attention"),
+    "DynamicViT": dict(blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343]),
+    "TPC": dict(blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343]),
     "PPT": dict(blocks=[1, 2, 3], keep_ratio=0.7, importance="mean"),
     "BAT": dict(blocks=[1, 2, 3], keep_ratio=0.7, importance="mean"),
 }
@@ -225,14 +225,19 @@ def test_every_reducer_runs_in_the_adapter(name):
     x = images(64, 96)
     model.train()
     outs = model(x)
-    loss = sum(o.square().mean() for o in outs) + sum(model.last_aux_losses.values())
+    loss = sum(o.square().mean() for o in outs) + sum(model.last_record.aux_losses.values())
     assert torch.isfinite(loss)
     loss.backward()
     model.eval()
+    model.record_tokens = True  # token counts of every scope, stage by stage included
     with torch.no_grad():
         outs = model(x)
     assert [tuple(o.shape[-2:]) for o in outs] == [(16, 24), (8, 12), (4, 6), (2, 3)]
     assert all(torch.isfinite(o).all() for o in outs)
+    counts = model.last_record.token_counts
+    assert counts.shape == (4, 2)
+    assert counts[0].tolist() == [4 * 6, 4 * 6]  # block 0 reduces nothing: every token
+    assert ((counts >= 1) & (counts <= 4 * 6)).all()
 
 
 def test_backbone_scope_refuses_a_shrinking_reducer():

@@ -171,15 +171,15 @@ def test_dense_and_bad_input():
 
 def test_keep_rates_from_maps_match_the_svit_reducer():
     torch.manual_seed(0)
-    reducer = SViTReducer(48, gated_blocks=(1, 2, 3), keep_targets=(0.7, 0.5, 0.3), inference="fixed")
+    reducer = SViTReducer(48, blocks=(1, 2, 3), keep_targets=(0.7, 0.5, 0.3), inference="fixed")
     model = ViT(img_size=64, embed_dim=48, depth=4, num_heads=3, reducer=reducer).eval()
     model.record_tokens = True
     with torch.no_grad():
         model(torch.randn(3, 3, 64, 96))
-    rates = keep_rates(model.last_token_maps)
+    rates = keep_rates(model.last_record.token_maps)
     assert sorted(rates) == [1, 2, 3]
     for block, r in rates.items():
-        assert torch.allclose(r, model.last_stats[f"keep_rate_per_image.block{block}"])
+        assert torch.allclose(r, model.last_record.stats[f"keep_rate_per_image.block{block}"])
     assert torch.allclose(rates[3], torch.full((3,), math.ceil(0.3 * 24) / 24))
 
 
@@ -197,7 +197,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 load_from = None
-model = dict(backbone=dict(depth=4, reducer=dict(gated_blocks=[1, 2, 3], keep_targets=[0.7, 0.5, 0.3])))
+model = dict(backbone=dict(depth=4, reducer=dict(blocks=[1, 2, 3], keep_targets=[0.7, 0.5, 0.3])))
 train_cfg = dict(max_iters=2, val_interval=2)
 param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=2)]
 default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))

@@ -20,7 +20,8 @@ from tokenprune.errors import ConfigError
 from tokenprune.models import vit_small
 from tokenprune.models.reducers import REDUCERS, BATReducer, build_reducer
 from tokenprune.models.reducers.bat import bat_plan, dpc_knn
-from tokenprune.models.reducers.merging import attention_half, attention_importance
+from tokenprune.models.reducers.merging import attention_importance
+from tokenprune.models.reducers.toolkit import attention_half
 
 N = IMG[0] * IMG[1] // 256
 BLOCKS = (1, 3, 4)
@@ -91,9 +92,9 @@ def test_deit_s_224_follows_evits_schedule():
     with torch.no_grad():
         out = model(torch.randn(2, 3, 224, 224))
     assert out.shape == (2, 384, 14, 14)
-    assert model.last_token_counts[:, 0].tolist() == [197] * 4 + [140] * 3 + [100] * 3 + [72] * 2
+    assert model.last_record.token_counts[:, 0].tolist() == [197] * 4 + [140] * 3 + [100] * 3 + [72] * 2
     for block, kept in ((3, 139), (6, 99), (9, 71)):
-        assert model.last_token_maps[block][0].unique().numel() == kept
+        assert model.last_record.token_maps[block][0].unique().numel() == kept
 
 
 @pytest.mark.parametrize("n, keep, clusters", [(196, 0.7, 0.1), (48, 0.05, 0.3), (1000, 0.3, 1.0), (5, 0.5, 0.5)])
@@ -131,7 +132,7 @@ def test_attentive_tokens_pair_and_inattentive_tokens_cluster():
         importance = attention_importance(half.attn, torch.ones(2, N + 1), 1, "cls")
         model(images(2))
     k, clusters, pairs = bat_plan(N, 0.5, 0.3)
-    ids = model.last_token_maps[2]
+    ids = model.last_record.token_maps[2]
     attentive = importance >= importance.sort(dim=1, descending=True).values[:, k - 1 : k]
     for b in range(2):
         groups = [ids[b] == t for t in ids[b].unique()]
@@ -196,5 +197,5 @@ def test_built_by_name():
     model.record_tokens = True
     with torch.no_grad():
         model(images(2))
-    assert set(model.last_token_maps) == set(BLOCKS) and (model.last_extra_macs > 0).all()
+    assert set(model.last_record.token_maps) == set(BLOCKS) and (model.last_record.extra_macs > 0).all()
     assert not list(reducer.parameters())

@@ -19,7 +19,7 @@ import get_flops  # noqa: E402
 from tokenprune.mmdet_plugin import benchmarking as det_bench  # noqa: E402
 from tokenprune.models.reducers import REDUCERS  # noqa: E402
 
-SVIT_TINY = 'svit=SViT:{"gated_blocks": [1, 2, 3], "keep_targets": [0.7, 0.5, 0.3], "inference": "fixed"}'
+SVIT_TINY = 'svit=SViT:{"blocks": [1, 2, 3], "keep_targets": [0.7, 0.5, 0.3], "inference": "fixed"}'
 TINY_BACKBONE = ["--arch", "deit-t", "--depth", "4", "--size", "64", "64", "--threads", "1"]
 SHAPES_CFG = ROOT / "configs/dense/mask-rcnn_vit-t_simplefpn_shapes.py"
 SVIT_CFG = ROOT / "configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py"
@@ -90,7 +90,7 @@ def test_every_registered_reducer_runs_with_its_defaults():
     [
         ("NoSuch", "unknown reducer 'NoSuch'"),
         ("SViT:{inference: fixed}", "not valid JSON"),
-        ('SViT:{"keep_targets": [2.0]}', "invalid SViT reducer settings: keep_targets needs one value per gated"),
+        ('SViT:{"keep_targets": [2.0]}', "invalid SViT reducer settings: keep_targets needs one value per reducing"),
     ],
 )
 def test_bad_reducer_gives_one_clear_message(capsys, reducer, message):
@@ -128,7 +128,7 @@ test_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict(dat
     svit = folder / "svit.py"
     svit.write_text(
         f"_base_ = '{SVIT_CFG}'\n{common}"
-        "model = dict(backbone=dict(depth=4, reducer=dict(gated_blocks=[1, 2, 3], keep_targets=[0.7, 0.5, 0.3])))\n"
+        "model = dict(backbone=dict(depth=4, reducer=dict(blocks=[1, 2, 3], keep_targets=[0.7, 0.5, 0.3])))\n"
     )
     return dense, svit
 
@@ -226,12 +226,12 @@ def test_backbone_on_real_images_with_checkpoint(tmp_path):
 
     for i, size in enumerate([(40, 64), (64, 30), (50, 50)]):
         Image.new("RGB", size, (40 * i, 90, 200)).save(tmp_path / f"img{i}.png")
-    reducer = SViTReducer(192, gated_blocks=(1, 2, 3), keep_targets=(0.7, 0.5, 0.3))
+    reducer = SViTReducer(192, blocks=(1, 2, 3), keep_targets=(0.7, 0.5, 0.3))
     reducer.calibration_steps.fill_(1)
     vit = ViT(embed_dim=192, depth=4, num_heads=3, reducer=reducer)
     state = {f"backbone.{k}": v for k, v in vit.state_dict().items()}
     torch.save({"state_dict": state}, tmp_path / "model.pth")
-    threshold = 'svit=SViT:{"gated_blocks": [1, 2, 3], "keep_targets": [0.7, 0.5, 0.3]}'
+    threshold = 'svit=SViT:{"blocks": [1, 2, 3], "keep_targets": [0.7, 0.5, 0.3]}'
     result = get_flops.main(
         ["backbone", *TINY_BACKBONE, "--images", str(tmp_path), "--batch", "2", "--reducer", "none", threshold]
         + ["--checkpoint", str(tmp_path / "model.pth")]

@@ -117,7 +117,7 @@ def test_load_from_refuses_anything_more_than_the_new_reducer(tmp_path, files):
     # an SViT checkpoint with other gated blocks: its reducer is not new
     other = config(
         SVIT,
-        **{"model.backbone.reducer.gated_blocks": [3, 6, 9], "model.backbone.reducer.keep_targets": [0.7, 0.5, 0.3]},
+        **{"model.backbone.reducer.blocks": [3, 6, 9], "model.backbone.reducer.keep_targets": [0.7, 0.5, 0.3]},
     )
     message = refusal(other, files["svit"], "load_from")
     assert "it looks like a checkpoint of an SViT model with other reducer settings" in message

@@ -62,11 +62,9 @@ def test_config_builds_trains_and_predicts(path):
             prefix = f"loss_{reducer['type'].lower()}_"  # e.g. loss_svit_ratio, loss_tpc_budget
             assert any(k.startswith(prefix) for k in losses)
             assert all(v >= 0 for k, v in losses.items() if k.startswith(prefix))
-        blocks = reducer.get("gated_blocks", reducer.get("blocks"))
-        if blocks is None:  # e.g. ToMe's default: every block
-            assert any(k.startswith("keep_rate.block") for k in losses)
-        else:
-            assert all(f"keep_rate.block{b}" in losses for b in blocks)
+        # every method names its reduced blocks the same way (reducers/base.py), and reports a keep rate at each
+        blocks = model.backbone.reducer.reduced_blocks(model.backbone.depth)
+        assert blocks and all(f"keep_rate.block{b}" in losses for b in blocks)
     total = sum(v.sum() for k, v in losses.items() if "loss" in k and isinstance(v, torch.Tensor))
     assert torch.isfinite(total)
     total.backward()

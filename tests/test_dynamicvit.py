@@ -18,7 +18,8 @@ from reducer_checks import (
 from tokenprune.errors import ConfigError
 from tokenprune.models import ViT
 from tokenprune.models.reducers import DynamicViTReducer, build_reducer
-from tokenprune.models.reducers.dynamicvit import block_with_policy, dynamicvit_ratio_loss
+from tokenprune.models.reducers.dynamicvit import block_with_policy
+from tokenprune.models.reducers.toolkit import keep_target_loss
 
 images = functools.partial(reducer_checks.images, size=(64, 96))  # a 4 x 6 grid of patches
 
@@ -28,7 +29,7 @@ N = 24  # patch tokens of a 64 x 96 image
 
 
 def make_model(cls_token=False, **kwargs):
-    kwargs = {"prune_blocks": BLOCKS, "keep_ratios": RATIOS, **kwargs}
+    kwargs = {"blocks": BLOCKS, "keep_targets": RATIOS, **kwargs}
     return make_vit(DynamicViTReducer(DIM, **kwargs), cls_token=cls_token)
 
 
@@ -63,11 +64,11 @@ def test_odd_and_non_square_inputs_give_the_dense_map(cls_token, training, keep_
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("cls_token", [True, False])
 def test_keep_ratio_one_matches_dense(cls_token, training, keep_pruned):
-    model = make_model(cls_token, keep_ratios=(1.0,) * 3, keep_pruned=keep_pruned).train(training)
+    model = make_model(cls_token, keep_targets=(1.0,) * 3, keep_pruned=keep_pruned).train(training)
     if training:
         force_predictors(model, keep=True)  # a ratio of 1 does not stop Gumbel sampling from dropping
     assert_matches_dense(model, images(2))
-    assert all(v.item() == 1.0 for k, v in model.last_stats.items() if k.startswith("keep_rate."))
+    assert all(v.item() == 1.0 for k, v in model.last_record.stats.items() if k.startswith("keep_rate."))
 
 
 @pytest.mark.parametrize("keep_pruned", [True, False])
@@ -85,7 +86,7 @@ def test_batch_equals_one_at_a_time(training, keep_pruned):
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("cls_token", [True, False])
 def test_extreme_budgets(cls_token, training, ratio):
-    model = make_model(cls_token, keep_ratios=(ratio,) * 3).train(training)
+    model = make_model(cls_token, keep_targets=(ratio,) * 3).train(training)
     if training and ratio < 1:
         force_predictors(model, keep=False)  # every token dropped by the sample: min_keep must step in
     model.record_tokens = True
@@ -98,7 +99,7 @@ def test_extreme_budgets(cls_token, training, ratio):
         if not training or ratio < 1:  # the fixed budget at inference; min_keep = 1 in training
             assert mask.sum(1).tolist() == [want] * 3
     if training:
-        loss = model.last_aux_losses["loss_dynamicvit_ratio"]
+        loss = model.last_record.aux_losses["loss_dynamicvit_ratio"]
         assert torch.isfinite(loss)
         (out.sum() + loss).backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -107,23 +108,23 @@ def test_extreme_budgets(cls_token, training, ratio):
 def test_paper_schedule_deit_s_224():
     # DynamicViT's DeiT-S setting: class token, predictors before blocks 3, 6, 9, ratios 0.7, 0.49, 0.343 of
     # the 196 patches at inference: int(196 * ratio) = 137, 96, 67 tokens (+ the class token)
-    reducer = DynamicViTReducer(24, prune_blocks=(3, 6, 9), keep_ratios=(0.7, 0.49, 0.343))
+    reducer = DynamicViTReducer(24, blocks=(3, 6, 9), keep_targets=(0.7, 0.49, 0.343))
     model = ViT(img_size=224, embed_dim=24, depth=12, num_heads=2, cls_token=True, reducer=reducer).eval()
     model.record_tokens = True
     with torch.no_grad():
         model(torch.randn(2, 3, 224, 224))
     want = [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
-    assert model.last_token_counts.T.tolist() == [want, want]
+    assert model.last_record.token_counts.T.tolist() == [want, want]
     per_token = sum(
         m.in_features * m.out_features for m in reducer.predictors[0].modules() if hasattr(m, "in_features")
     )
-    assert model.last_extra_macs == (196 + 137 + 96) * per_token
+    assert model.last_record.extra_macs == (196 + 137 + 96) * per_token
 
 
 @pytest.mark.parametrize("cls_token", [True, False])
 def test_keep_pruned_dropped_positions_keep_their_last_value(cls_token):
     # one stage: the positions it drops never run another block, so they hold block 1's output
-    model = make_model(cls_token, prune_blocks=(2,), keep_ratios=(0.5,), keep_pruned=True).eval()
+    model = make_model(cls_token, blocks=(2,), keep_targets=(0.5,), keep_pruned=True).eval()
     after = []
     model.blocks[1].register_forward_hook(lambda m, args, out: after.append(out))
     states = capture_states(model)
@@ -164,7 +165,7 @@ def test_decisions_are_hierarchical(training):
 
 def test_training_masking_matches_inference_with_the_same_decisions():
     # predictors that keep the first k tokens by position: argmax in training, top-k at inference agree
-    model = make_model(prune_blocks=(2, 4), keep_ratios=(0.5, 0.25))
+    model = make_model(blocks=(2, 4), keep_targets=(0.5, 0.25))
     noise_free(model)
     states = capture_states(model)
     for s, keep in enumerate((12, 6)):
@@ -206,30 +207,30 @@ def test_gradients_reach_every_predictor(keep_pruned):
     for predictor in model.reducer.predictors:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in predictor.parameters())
     model.zero_grad()
-    model.last_aux_losses["loss_dynamicvit_ratio"].backward()
+    model.last_record.aux_losses["loss_dynamicvit_ratio"].backward()
     for predictor in model.reducer.predictors:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in predictor.parameters())
 
 
 def test_ratio_loss_zero_at_target_and_grows_away():
     ratios = torch.tensor([0.7, 0.49, 0.343])
-    losses = [dynamicvit_ratio_loss(ratios[:, None] + d, ratios).item() for d in (0.0, 0.1, -0.2, 0.3)]
+    losses = [keep_target_loss(ratios[:, None] + d, ratios, "image").item() for d in (0.0, 0.1, -0.2, 0.3)]
     assert losses[0] == 0.0 and 0 < losses[1] < losses[2] < losses[3]
     # per image, as the paper: images above and below the target do not cancel
     spread = ratios[:, None] + torch.tensor([[-0.1, 0.1]])
-    assert dynamicvit_ratio_loss(spread, ratios).item() == pytest.approx(0.01)
+    assert keep_target_loss(spread, ratios, "image").item() == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("ratio, want", [(1.0, 0.0), (0.5, 2.0 * 0.25)])
 def test_ratio_loss_in_the_model(ratio, want):
-    model = make_model(keep_ratios=(ratio,) * 3).train()
+    model = make_model(keep_targets=(ratio,) * 3).train()
     force_predictors(model, keep=True)
     model(images(2))
-    assert model.last_aux_losses["loss_dynamicvit_ratio"].item() == pytest.approx(want)
+    assert model.last_record.aux_losses["loss_dynamicvit_ratio"].item() == pytest.approx(want)
     model.eval()
     with torch.no_grad():
         model(images(2))
-    assert model.last_aux_losses == {}
+    assert model.last_record.aux_losses == {}
 
 
 def test_token_maps_follow_the_kept_tokens():
@@ -238,25 +239,25 @@ def test_token_maps_follow_the_kept_tokens():
     with torch.no_grad():
         model(images(2))
     for block, ratio in zip(BLOCKS, RATIOS):
-        ids = model.last_token_maps[block]
+        ids = model.last_record.token_maps[block]
         kept = ids >= 0
         assert kept.sum(1).tolist() == [math.floor(ratio * N)] * 2
         assert torch.equal(ids[kept], torch.arange(N).expand(2, -1)[kept])
     model.train()
     model(images(2))
-    assert torch.equal(model.last_token_counts, torch.full((6, 2), float(N)))  # training masks, runs all
+    assert torch.equal(model.last_record.token_counts, torch.full((6, 2), float(N)))  # training masks, runs all
 
 
 def test_invalid_settings():
-    with pytest.raises(ValueError, match="one value per pruning block"):
-        DynamicViTReducer(DIM, prune_blocks=(1, 2), keep_ratios=(0.7,))
+    with pytest.raises(ValueError, match="one value per reducing block"):
+        DynamicViTReducer(DIM, blocks=(1, 2), keep_targets=(0.7,))
     with pytest.raises(ValueError, match="non-increasing"):
-        DynamicViTReducer(DIM, prune_blocks=(1, 2), keep_ratios=(0.5, 0.7))
+        DynamicViTReducer(DIM, blocks=(1, 2), keep_targets=(0.5, 0.7))
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-        DynamicViTReducer(DIM, prune_blocks=(1,), keep_ratios=(0.0,))
+        DynamicViTReducer(DIM, blocks=(1,), keep_targets=(0.0,))
     with pytest.raises(ValueError, match="divisible by 4"):
         DynamicViTReducer(50)
     with pytest.raises(ValueError, match="depth 6"):
-        make_model(prune_blocks=(3, 6), keep_ratios=(0.7, 0.5))
+        make_model(blocks=(3, 6), keep_targets=(0.7, 0.5))
     with pytest.raises(ConfigError, match="invalid DynamicViT reducer settings"):
         build_reducer({"type": "DynamicViT", "tau": 0}, DIM)

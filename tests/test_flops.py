@@ -15,6 +15,7 @@ from tokenprune.models.flops import (
     flop_bound_speedup,
     macs_from_counts,
 )
+from tokenprune.models.record import ReductionRecord
 
 
 def hand_block(n: float, c: int) -> float:
@@ -53,7 +54,7 @@ def test_deit_s_at_224_matches_the_published_4_6_gflops():
 
 def test_fixed_budget_svit_counts_the_kept_tokens():
     targets = (0.7, 0.5, 0.3)
-    vit = small_vit(reducer=SViTReducer(64, gated_blocks=(1, 2, 3), keep_targets=targets, inference="fixed"))
+    vit = small_vit(reducer=SViTReducer(64, blocks=(1, 2, 3), keep_targets=targets, inference="fixed"))
     n = 4 * 6
     pruned = count_backbone_macs(vit.eval(), torch.randn(2, 3, 64, 96))
     dense = dense_backbone_macs(vit, (64, 96), batch=2)
@@ -72,7 +73,7 @@ def test_fixed_budget_svit_counts_the_kept_tokens():
 
 def test_token_counts_agree_with_what_the_linear_layers_ran():
     """Independent of the reducer's own report: forward hooks see the gathered token sets of each block."""
-    vit = small_vit(reducer=SViTReducer(64, gated_blocks=(1, 2, 3), keep_targets=(0.7, 0.5, 0.3), inference="fixed"))
+    vit = small_vit(reducer=SViTReducer(64, blocks=(1, 2, 3), keep_targets=(0.7, 0.5, 0.3), inference="fixed"))
     x = torch.randn(1, 3, 64, 96)
     with LayerMacCounter(vit.blocks) as counter:
         macs = count_backbone_macs(vit, x)
@@ -109,7 +110,7 @@ def test_per_image_counts_and_padding():
         assert macs.total[b].item() == pytest.approx(expected, rel=0.01)
     assert macs.total[0] > macs.total[1]
     # padded: every image costs its batch's largest count at each block
-    vit.record_tokens, vit.last_token_counts, vit.last_extra_macs = True, counts, 0.0
+    vit.last_record = ReductionRecord(token_counts=counts)
     padded = backbone_macs(vit, (64, 96), padded=True)
     assert padded.tokens[:, 1].tolist() == [24.0, 20.0, 12.0, 8.0]
     assert padded.total[0].item() == padded.total[1].item() == pytest.approx(macs.total[0].item() - 100)

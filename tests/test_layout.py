@@ -48,3 +48,25 @@ def test_docs_and_code_cite_no_file_outside_the_repository():
         if p != this and any(s in p.read_text(errors="ignore") for s in ("METHODS.md", "../shared"))
     ]
     assert offenders == []
+
+
+def test_no_reducer_method_file_imports_another():
+    """Shared reducer code lives in the shared files (base, toolkit, gated, gates, merging, windowed): a method
+    file (the module of a registered reducer) imports none of the other method files."""
+    from tokenprune.models.reducers import REDUCERS
+
+    folder = ROOT / "projects/tokenprune/models/reducers"
+    methods = {cls.__module__.rsplit(".", 1)[1] for cls in REDUCERS.values()}
+    assert methods <= {p.stem for p in folder.glob("*.py")}
+    offenders = {}
+    for stem in sorted(methods):
+        tree = ast.parse((folder / f"{stem}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported.update([node.module] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tokenprune.models."):
+                imported.add(node.module.rsplit(".", 1)[1])
+        if imported & (methods - {stem}):
+            offenders[stem] = sorted(imported & (methods - {stem}))
+    assert offenders == {}

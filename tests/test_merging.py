@@ -8,15 +8,13 @@ import torch
 from tokenprune.models.reducers.base import PRUNED
 from tokenprune.models.reducers.merging import (
     MergeState,
-    attention_half,
     bipartite_merge_rounds,
     bipartite_soft_matching,
     compose,
-    keep_count,
     merge_tokens,
-    mlp_half,
     token_ids,
 )
+from tokenprune.models.reducers.toolkit import attention_half, mlp_half
 from tokenprune.models.vit import Block
 
 
@@ -144,8 +142,3 @@ def test_split_block_equals_block(attn_rows, mask):
         full = attention_half(block, x, m, attn_rows="all").attn
         torch.testing.assert_close(full.sum(-1), torch.ones(2, 3, 10))
         torch.testing.assert_close(half.attn, full if attn_rows == "all" else full[:, :, :1])
-
-
-def test_keep_count_is_robust_and_never_empty():
-    assert keep_count(0.7, 10) == 7 and keep_count(0.05, 5) == 1 and keep_count(1.0, 13) == 13
-    assert keep_count(146 / 196, 196) == 146 and keep_count(0.5, 0) == 0

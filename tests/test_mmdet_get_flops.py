@@ -22,10 +22,10 @@ from tokenprune.models.reducers import REDUCERS, build_reducer
 
 MMDET_GET_FLOPS = Path(mmdet.__file__).parent / ".mim/tools/analysis_tools/get_flops.py"
 CLS_FREE = {
-    "SViT": dict(gated_blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343]),
-    "TPC": dict(controlled_blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343]),
-    "DynamicViT": dict(prune_blocks=[1, 2, 3], keep_ratios=[0.7, 0.49, 0.343]),
-    "EViT": dict(reduce_blocks=[1, 2, 3], keep_rate=0.7, score="mean_attention"),
+    "SViT": dict(blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343]),
+    "TPC": dict(blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343]),
+    "DynamicViT": dict(blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343]),
+    "EViT": dict(blocks=[1, 2, 3], keep_ratio=0.7, score="mean_attention"),
     "PPT": dict(blocks=[1, 2, 3], keep_ratio=0.7, importance="mean"),
     "BAT": dict(blocks=[1, 2, 3], keep_ratio=0.7, importance="mean"),
     "ToMe": dict(),
@@ -57,12 +57,12 @@ def test_traced_flop_count_of_every_reducer(name):
 @pytest.mark.parametrize(
     "extra",
     [
-        "model = dict(type='TokenPruneMaskRCNN', backbone=dict(depth=4, reducer=dict(type='SViT', gated_blocks=[2, 3], "
+        "model = dict(type='TokenPruneMaskRCNN', backbone=dict(depth=4, reducer=dict(type='SViT', blocks=[2, 3], "
         "keep_targets=[0.7, 0.49])))",
         "model = dict(type='TokenPruneMaskRCNN', backbone=dict(depth=4, reducer=dict(type='DynamicViT', "
-        "prune_blocks=[1, 2, 3], keep_ratios=[0.7, 0.49, 0.343])))",
+        "blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])))",
         "model = dict(type='TokenPruneMaskRCNN', backbone=dict(depth=4, reducer=dict(type='TPC', "
-        "controlled_blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])))",
+        "blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])))",
     ],
     ids=["SViT", "DynamicViT", "TPC"],
 )

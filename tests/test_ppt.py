@@ -22,8 +22,8 @@ from tokenprune.errors import ConfigError
 from tokenprune.models import vit_small
 from tokenprune.models.reducers import REDUCERS, PPTReducer, build_reducer
 from tokenprune.models.reducers.base import PRUNED
-from tokenprune.models.reducers.merging import attention_half
 from tokenprune.models.reducers.ppt import PAPER_CV_THRESHOLD, ppt_scores, redundancy
+from tokenprune.models.reducers.toolkit import attention_half
 
 N = IMG[0] * IMG[1] // 256
 BLOCKS = (1, 3, 4)
@@ -70,11 +70,11 @@ def test_pruned_tokens_keep_their_value_after_the_pruning_block(cls_token):
         tokens, _ = model.forward_features(x)
         dense(x)
     P = int(cls_token)
-    pruned = model.last_token_maps[2] == PRUNED
+    pruned = model.last_record.token_maps[2] == PRUNED
     assert pruned.sum(1).tolist() == [N // 2] * 2
     want = model.norm(after[0])[:, P:]
     torch.testing.assert_close(tokens[:, P:][pruned], want[pruned], atol=1e-5, rtol=1e-5)
-    kept = model.last_token_maps[2][~pruned]
+    kept = model.last_record.token_maps[2][~pruned]
     assert torch.equal(kept, torch.nonzero(~pruned)[:, 1])  # no merging when pruning
     assert (tokens[:, P:][~pruned] - want[~pruned]).abs().amax(-1).min() > 1e-4  # the others moved on
 
@@ -89,7 +89,7 @@ def test_pruning_removes_the_lowest_scores():
         half = attention_half(model.blocks[2], x, attn_rows="all")
         scores = ppt_scores(half.attn, half.v, torch.ones(2, N + 1), 1, "cls")
         model(images(2))
-    pruned = model.last_token_maps[2] == PRUNED
+    pruned = model.last_record.token_maps[2] == PRUNED
     assert torch.equal(pruned, scores <= scores.sort(dim=1).values[:, 9:10])
 
 
@@ -107,7 +107,7 @@ def test_batch_equals_one_at_a_time_with_mixed_decisions():
     assert states[1].frozen is not None and (states[1].size > 1).any()  # both branches ran
     with torch.no_grad():
         model(x)
-    assert model.last_stats[f"pool_rate.block{BLOCKS[0]}"].item() == 0.5
+    assert model.last_record.stats[f"pool_rate.block{BLOCKS[0]}"].item() == 0.5
 
 
 @pytest.mark.parametrize("keep_ratio", [0.05, 1.0])
@@ -128,8 +128,9 @@ def test_deit_s_224_reproduces_ppts_schedule(threshold):
     with torch.no_grad():
         out = model(torch.randn(2, 3, 224, 224))
     assert out.shape == (2, 384, 14, 14)
-    assert model.last_token_counts[:, 0].tolist() == [197] * 4 + [147] * 3 + [97] * 3 + [49] * 2
-    assert [model.last_stats[f"keep_rate.block{b}"].item() * 196 for b in (3, 6, 9)] == pytest.approx([146, 96, 48])
+    assert model.last_record.token_counts[:, 0].tolist() == [197] * 4 + [147] * 3 + [97] * 3 + [49] * 2
+    stats = model.last_record.stats
+    assert [stats[f"keep_rate.block{b}"].item() * 196 for b in (3, 6, 9)] == pytest.approx([146, 96, 48])
 
 
 def test_default_keep_ratios_are_the_papers_schedule():
@@ -254,10 +255,10 @@ def test_built_by_name_with_stats_and_macs():
     model.record_tokens = True
     with torch.no_grad():
         model(images(2))
-    pooled_macs = model.last_extra_macs
+    pooled_macs = model.last_record.extra_macs
     model.reducer.threshold = PRUNE
     with torch.no_grad():
         model(images(2))
-    assert (pooled_macs > model.last_extra_macs).all() and (model.last_extra_macs > 0).all()
-    assert set(model.last_token_maps) == set(BLOCKS)
-    assert all(f"pool_rate.block{b}" in model.last_stats for b in BLOCKS)
+    assert (pooled_macs > model.last_record.extra_macs).all() and (model.last_record.extra_macs > 0).all()
+    assert set(model.last_record.token_maps) == set(BLOCKS)
+    assert all(f"pool_rate.block{b}" in model.last_record.stats for b in BLOCKS)

@@ -29,13 +29,13 @@ SVIT_ADAPTER = """
 model = dict(
     type='TokenPruneMaskRCNN',
     backbone=dict(depth=4, img_size=128, interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]],
-                  reducer=dict(type='SViT', gated_blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])))
+                  reducer=dict(type='SViT', blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])))
 custom_hooks = [dict(type='TokenStatsHook')]
 """
 TPC_VIT = """
 model = dict(
     type='TokenPruneMaskRCNN',
-    backbone=dict(depth=4, reducer=dict(type='TPC', controlled_blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])))
+    backbone=dict(depth=4, reducer=dict(type='TPC', blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])))
 """
 
 
@@ -74,7 +74,7 @@ def fake_runner(model, work_dir: Path) -> SimpleNamespace:
 
 def tiny_svit(**kwargs) -> SimpleNamespace:
     torch.manual_seed(0)
-    reducer = SViTReducer(48, gated_blocks=(1, 2, 3), keep_targets=(0.7, 0.49, 0.343), **kwargs)
+    reducer = SViTReducer(48, blocks=(1, 2, 3), keep_targets=(0.7, 0.49, 0.343), **kwargs)
     backbone = ViT(img_size=64, embed_dim=48, depth=4, num_heads=3, cls_token=False, reducer=reducer).eval()
     return SimpleNamespace(backbone=backbone)
 

@@ -124,10 +124,10 @@ def check_finite(model: ViT, images: torch.Tensor, training: bool) -> None:
     h, w = -(-images.shape[-2] // 16), -(-images.shape[-1] // 16)
     assert out.shape == (images.shape[0], DIM, h, w)
     assert torch.isfinite(out).all(), "NaN/inf in the backbone output"
-    for name, loss in model.last_aux_losses.items():
+    for name, loss in model.last_record.aux_losses.items():
         assert torch.isfinite(loss).all(), f"NaN/inf in {name}"
     if training:
-        total = out.float().square().mean() + sum(model.last_aux_losses.values())
+        total = out.float().square().mean() + sum(model.last_record.aux_losses.values())
         total.backward()
         for pname, p in model.named_parameters():
             assert p.grad is None or torch.isfinite(p.grad).all(), f"NaN/inf gradient of {pname}"
@@ -182,10 +182,10 @@ def test_svit_gates_that_prune_everything_under_bf16(hw, training):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 3, *hw))
     assert torch.isfinite(out).all()
-    for keep in model.last_token_maps.values():
+    for keep in model.last_record.token_maps.values():
         assert ((keep >= 0).sum(dim=1) >= 1).all()  # min_keep: at least one token per image
     if training:
-        assert torch.isfinite(model.last_aux_losses["loss_svit_ratio"])
+        assert torch.isfinite(model.last_record.aux_losses["loss_svit_ratio"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -556,7 +556,7 @@ def svit_detector(seed: int):
 
     cfg = Config.fromfile(str(SVIT_CFG))
     cfg.model.backbone.update(depth=4, embed_dim=48, num_heads=3)
-    cfg.model.backbone.reducer.update(gated_blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])
+    cfg.model.backbone.reducer.update(blocks=[1, 2, 3], keep_targets=[0.7, 0.49, 0.343])
     cfg.model.neck.in_channels = 48
     set_random_seed(seed)
     model = MODELS.build(cfg.model)
@@ -595,12 +595,12 @@ def run_twice_from_seed(seed: int):
         data = detection_batch(model, training=True)
         out = model.loss(data["inputs"], data["data_samples"])
         losses.append(model.parse_losses(out)[0].item())
-        train_masks.append({b: m.clone() for b, m in model.backbone.last_token_maps.items()})
+        train_masks.append({b: m.clone() for b, m in model.backbone.last_record.token_maps.items()})
     model.eval()
     with torch.no_grad():
         data = detection_batch(model, training=False)
         preds = model.predict(data["inputs"], data["data_samples"])
-    eval_masks = model.backbone.last_token_maps
+    eval_masks = model.backbone.last_record.token_maps
     return model, train_masks, losses, eval_masks, preds
 
 

@@ -41,7 +41,7 @@ test_evaluator = val_evaluator
 load_from = None
 model = dict(
     backbone=dict(depth=2, embed_dim=48, num_heads=2, img_size=64,
-                  reducer=dict(gated_blocks=[1], keep_targets=[0.7])),
+                  reducer=dict(blocks=[1], keep_targets=[0.7])),
     neck=dict(in_channels=48, out_channels=32),
     rpn_head=dict(in_channels=32, feat_channels=32),
     roi_head=dict(bbox_roi_extractor=dict(out_channels=32), bbox_head=dict(in_channels=32, fc_out_channels=32),

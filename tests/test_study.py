@@ -28,7 +28,7 @@ def write_study(tmp_path: Path) -> Path:
         base=SVIT,
         max_iters=2,
         extra=(
-            "model = dict(backbone=dict(depth=4, reducer=dict(gated_blocks=[2, 3], keep_targets=[0.7, 0.49])))\n"
+            "model = dict(backbone=dict(depth=4, reducer=dict(blocks=[2, 3], keep_targets=[0.7, 0.49])))\n"
             "custom_hooks = [dict(type='TokenStatsHook'), dict(type='SViTCalibrationHook', num_batches=2)]"
         ),
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenprune.models import SViTReducer, ViT
-from tokenprune.models.reducers.svit import svit_ratio_loss
+from tokenprune.models.reducers.toolkit import keep_target_loss
 
 DIM, DEPTH, HEADS = 48, 6, 3
 GATED = (2, 3, 4, 5)
@@ -17,7 +17,7 @@ N = 24
 
 def make_model(cls_token: bool = True, seed: int = 0, **reducer_kwargs) -> ViT:
     torch.manual_seed(seed)
-    kwargs = {"gated_blocks": GATED, "keep_targets": TARGETS, **reducer_kwargs}
+    kwargs = {"blocks": GATED, "keep_targets": TARGETS, **reducer_kwargs}
     reducer = SViTReducer(DIM, **kwargs)
     return ViT(img_size=64, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, cls_token=cls_token, reducer=reducer)
 
@@ -85,7 +85,7 @@ def test_keep_all_matches_dense(cls_token, training):
     with torch.no_grad():
         got, want = model(x), dense(x)
     assert (got - want).abs().max().item() < 1e-5
-    assert all(v.item() == 1.0 for k, v in model.last_stats.items() if k.startswith("keep_rate."))
+    assert all(v.item() == 1.0 for k, v in model.last_record.stats.items() if k.startswith("keep_rate."))
 
 
 @torch.no_grad()
@@ -103,7 +103,7 @@ def test_batch_equals_one_at_a_time_eval(inference, gate):
     calibrate(model)
     states = capture_states(model)
     assert_batch_equals_singles(model, images(3))
-    counts = torch.stack([m.sum(1) for m in states[0].keep_masks.values()])  # (blocks, images)
+    counts = torch.stack([m.sum(1) for m in states[0].masks.values()])  # (blocks, images)
     assert (counts < N).any(1).all()  # every gated block gathered
     if inference == "threshold":  # images kept different numbers of tokens: padding was exercised
         assert (counts != counts[:, :1]).any()
@@ -115,7 +115,7 @@ def test_batch_equals_one_at_a_time_train():
     model.train()
     states = capture_states(model)
     assert_batch_equals_singles(model, images(3))
-    kept = torch.stack([m.float().mean() for m in states[0].keep_masks.values()])
+    kept = torch.stack([m.float().mean() for m in states[0].masks.values()])
     assert ((kept > 0) & (kept < 1)).any()  # the gates pruned some tokens, not all
 
 
@@ -141,8 +141,8 @@ def test_train_masking_matches_eval_gathering(settings):
         inferred = model.eval()(x)
         trained = model.train()(x)  # (moves the thresholds, so second)
     for block in GATED:
-        assert torch.equal(states[0].keep_masks[block], states[1].keep_masks[block])
-    assert not all(m.all() for m in states[0].keep_masks.values())
+        assert torch.equal(states[0].masks[block], states[1].masks[block])
+    assert not all(m.all() for m in states[0].masks.values())
     assert (trained - inferred).abs().max().item() < 1e-5
 
 
@@ -163,19 +163,19 @@ def test_gradients_reach_every_gate(settings):
     for gate in model.reducer.gates:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
     model.zero_grad()
-    (out.sum() + model.last_aux_losses["loss_svit_ratio"]).backward()
+    (out.sum() + model.last_record.aux_losses["loss_svit_ratio"]).backward()
     for gate in model.reducer.gates:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
 
 
 def test_ratio_loss_zero_at_target_and_grows_away():
     targets = torch.tensor([0.7, 0.49])
-    losses = [svit_ratio_loss(targets[:, None] + d, targets).item() for d in (0.0, 0.1, -0.2, 0.3)]
+    losses = [keep_target_loss(targets[:, None] + d, targets).item() for d in (0.0, 0.1, -0.2, 0.3)]
     assert losses[0] == 0.0 and 0 < losses[1] < losses[2] < losses[3]
     # per image: images above and below the target cancel in the batch mean only
     spread = targets[:, None] + torch.tensor([[-0.1, 0.1]])
-    assert svit_ratio_loss(spread, targets, "batch").item() < 1e-12
-    assert svit_ratio_loss(spread, targets, "image").item() == pytest.approx(0.01)
+    assert keep_target_loss(spread, targets, "batch").item() < 1e-12
+    assert keep_target_loss(spread, targets, "image").item() == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("targets, want", [((1.0,) * 4, 0.0), ((0.5,) * 4, 4.0 * 0.25)])
@@ -183,7 +183,7 @@ def test_ratio_loss_in_the_model(targets, want):
     model = make_model(keep_targets=targets).train()
     force_gates(model, keep=True)
     model(images(2))
-    assert model.last_aux_losses["loss_svit_ratio"].item() == pytest.approx(want)
+    assert model.last_record.aux_losses["loss_svit_ratio"].item() == pytest.approx(want)
 
 
 @pytest.mark.parametrize("min_keep", [1, 3])
@@ -198,35 +198,33 @@ def test_pruning_everything_is_guarded(min_keep, training):
     states = capture_states(model)
     out = model(images(3))
     assert torch.isfinite(out).all()
-    for mask in states[0].keep_masks.values():
+    for mask in states[0].masks.values():
         assert mask.sum(1).tolist() == [min_keep] * 3
     if training:
-        assert torch.isfinite(model.last_aux_losses["loss_svit_ratio"])
+        assert torch.isfinite(model.last_record.aux_losses["loss_svit_ratio"])
 
 
 @pytest.mark.parametrize("reactivation", [True, False])
 def test_reactivation_eval(reactivation):
     # block 2 keeps half the tokens; block 3 wants all of them back
-    model = make_model(
-        gated_blocks=(2, 3), keep_targets=(0.5, 1.0), inference="fixed", reactivation=reactivation
-    ).eval()
+    model = make_model(blocks=(2, 3), keep_targets=(0.5, 1.0), inference="fixed", reactivation=reactivation).eval()
     states = capture_states(model)
     with torch.no_grad():
         model(images(2))
-    first, second = states[0].keep_masks[2], states[0].keep_masks[3]
+    first, second = states[0].masks[2], states[0].masks[3]
     assert first.sum(1).tolist() == [N // 2] * 2
     assert second.all() if reactivation else torch.equal(second, first)
 
 
 @pytest.mark.parametrize("reactivation", [True, False])
 def test_reactivation_train(reactivation):
-    model = make_model(gated_blocks=(2, 3), keep_targets=(0.5, 0.5), reactivation=reactivation).train()
+    model = make_model(blocks=(2, 3), keep_targets=(0.5, 0.5), reactivation=reactivation).train()
     noise_free(model)
     force_gates(model, keep=True, blocks=(3,))
     states = capture_states(model)
     with torch.no_grad():
         model(images(2))
-    first, second = states[0].keep_masks[2], states[0].keep_masks[3]
+    first, second = states[0].masks[2], states[0].masks[3]
     assert not first.all() and first.any()
     assert second.all() if reactivation else torch.equal(second, first)
 
@@ -249,7 +247,7 @@ def test_fixed_mode_keeps_exact_budget(img, n):
     with torch.no_grad():
         model(torch.randn(3, 3, *img))
     for block, target in zip(GATED, targets):
-        assert states[0].keep_masks[block].sum(1).tolist() == [math.ceil(target * n)] * 3
+        assert states[0].masks[block].sum(1).tolist() == [math.ceil(target * n)] * 3
 
 
 def test_uncalibrated_threshold_mode_falls_back_to_fixed():
@@ -259,7 +257,7 @@ def test_uncalibrated_threshold_mode_falls_back_to_fixed():
     with torch.no_grad():
         model(images(2))
     for block, target in zip(GATED, TARGETS):
-        assert states[0].keep_masks[block].sum(1).tolist() == [math.ceil(target * N)] * 2
+        assert states[0].masks[block].sum(1).tolist() == [math.ceil(target * N)] * 2
 
 
 def test_threshold_calibration_meets_target_on_average():
@@ -276,10 +274,10 @@ def test_threshold_calibration_meets_target_on_average():
     with torch.no_grad():
         for _ in range(8):
             model(torch.randn(8, 3, 128, 192, generator=g))
-            rates.append([model.last_stats[f"keep_rate.block{b}"].item() for b in GATED])
+            rates.append([model.last_record.stats[f"keep_rate.block{b}"].item() for b in GATED])
     realised = torch.tensor(rates).mean(0)
     assert (realised - torch.tensor(TARGETS)).abs().max().item() < 0.05, realised
-    per_image = model.last_stats[f"keep_rate_per_image.block{GATED[-1]}"]
+    per_image = model.last_record.stats[f"keep_rate_per_image.block{GATED[-1]}"]
     assert per_image.shape == (8,) and per_image.std() > 0  # the rate is dynamic per image
 
 
@@ -316,7 +314,7 @@ def test_pruned_tokens_keep_last_value(cls_token):
         tokens, _ = model.forward_features(x)
         want = model.norm(after_dense[0])
     P = model.num_prefix_tokens
-    never = ~torch.stack(list(states[0].keep_masks.values())).any(0)  # (B, N)
+    never = ~torch.stack(list(states[0].masks.values())).any(0)  # (B, N)
     assert never.sum(1).min() >= N - 4 * 3
     got_patch, want_patch = tokens[:, P:], want[:, P:]
     assert torch.allclose(got_patch[never], want_patch[never], atol=1e-6, rtol=0)
@@ -337,7 +335,7 @@ def test_discarded_tokens_are_zero_in_the_map(training):
         model.reducer.finish = lambda x, state, finish=finish, name=name: outputs.setdefault(name, finish(x, state))
         with torch.no_grad():
             model.train(training)(images(2))
-        outputs[name + "_keep"] = states[0].keep_masks[GATED[-1]]
+        outputs[name + "_keep"] = states[0].masks[GATED[-1]]
     assert torch.equal(outputs["kept_keep"], outputs["discarded_keep"])
     keep = outputs["kept_keep"]
     assert keep.any() and not keep.all()
@@ -352,16 +350,16 @@ def test_invalid_arguments():
         SViTReducer(DIM, gate="attention")
     with pytest.raises(ValueError, match="set reactivation=False"):
         SViTReducer(DIM, keep_pruned=False)
-    with pytest.raises(ValueError, match="one value per gated block"):
-        SViTReducer(DIM, gated_blocks=(2, 3), keep_targets=(0.7,))
+    with pytest.raises(ValueError, match="one value per reducing block"):
+        SViTReducer(DIM, blocks=(2, 3), keep_targets=(0.7,))
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-        SViTReducer(DIM, gated_blocks=(2, 3), keep_targets=(0.7, 1.5))
+        SViTReducer(DIM, blocks=(2, 3), keep_targets=(0.7, 1.5))
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-        SViTReducer(DIM, gated_blocks=(2,), keep_targets=(0.0,))
+        SViTReducer(DIM, blocks=(2,), keep_targets=(0.0,))
     with pytest.raises(ValueError, match="ratio_loss"):
         SViTReducer(DIM, ratio_loss="tokens")
     with pytest.raises(ValueError, match="depth 6"):
-        make_model(gated_blocks=(3, 6), keep_targets=(0.5, 0.5))
+        make_model(blocks=(3, 6), keep_targets=(0.5, 0.5))
     with pytest.raises(ValueError, match="embed_dim"):
         ViT(embed_dim=DIM, depth=DEPTH, num_heads=HEADS, reducer=SViTReducer(96))
 
@@ -373,7 +371,7 @@ def test_token_counts_and_maps_follow_the_kept_tokens(cls_token):
     with torch.no_grad():
         model(images(2))
     P = int(cls_token)
-    counts, maps = model.last_token_counts, model.last_token_maps
+    counts, maps = model.last_record.token_counts, model.last_record.token_maps
     assert counts.shape == (DEPTH, 2)
     for block in range(DEPTH):
         if block in GATED:
@@ -387,26 +385,10 @@ def test_token_counts_and_maps_follow_the_kept_tokens(cls_token):
             assert counts[block].tolist() == [N + P] * 2
             assert block not in maps
     gate_macs = len(GATED) * N * (DIM * (DIM // 4) + (DIM // 4) * 2)
-    assert model.last_extra_macs == gate_macs
+    assert model.last_record.extra_macs == gate_macs
     model.train()
     model(images(2))  # training masks instead of gathering: every block runs every token
-    assert torch.equal(model.last_token_counts, torch.full((DEPTH, 2), float(N + P)))
-
-
-def test_attention_trace_matches_the_block():
-    from tokenprune.models.reducers.common import attention_trace
-
-    model = make_model().eval()
-    block = model.blocks[1]
-    x = torch.randn(2, N + 1, DIM)
-    mask = torch.rand(2, 1, 1, N + 1) > 0.3
-    mask[..., 0] = True
-    for m in (None, mask, torch.log(torch.rand(2, 1, 1, N + 1) + 0.5)):
-        trace = attention_trace(block, x, m)
-        torch.testing.assert_close(trace.out, block(x, m), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(trace.attn.sum(-1), torch.ones(2, HEADS, N + 1))
-        if m is not None and m.dtype == torch.bool:
-            assert (trace.attn.masked_select(~m.expand_as(trace.attn)) == 0).all()
+    assert torch.equal(model.last_record.token_counts, torch.full((DEPTH, 2), float(N + P)))
 
 
 # the inference rules: threshold (default), fixed, official (p_keep > 0.5), sample (hard Gumbel draw)
@@ -436,8 +418,8 @@ def test_official_rule_keeps_tokens_with_p_keep_above_half():
         want = log_p[..., 1] < log_p[..., 0]  # the official argmin over (keep, prune)
         top = log_p[..., 0].argmax(dim=1)
         want[torch.arange(3), top] = True  # min_keep
-        assert torch.equal(states[0].keep_masks[block], want)
-    rates = torch.stack([states[0].keep_fractions[b] for b in GATED])
+        assert torch.equal(states[0].masks[block], want)
+    rates = torch.stack([states[0].fractions[b] for b in GATED])
     assert ((rates > 0) & (rates < 1)).any()
     assert model.reducer.inference_rules() == {b: "official" for b in GATED}
     assert model.reducer.inference_fallbacks() == {}
@@ -452,7 +434,7 @@ def test_official_rule_prunes_ties():
     states = capture_states(model)
     with torch.no_grad():
         model(images(2))
-    assert all(m.sum(1).tolist() == [1, 1] for m in states[0].keep_masks.values())  # min_keep only
+    assert all(m.sum(1).tolist() == [1, 1] for m in states[0].masks.values())  # min_keep only
 
 
 def test_sample_rule_draws_as_the_official_gumbel_softmax():
@@ -477,7 +459,7 @@ def test_sample_rule_keeps_at_the_gate_probability_per_image():
             gate.fc2.bias.copy_(torch.tensor([math.log(0.3), math.log(0.7)]))
     with torch.no_grad():
         model(torch.randn(6, 3, 160, 192))  # 120 tokens per image
-    stats = model.last_stats
+    stats = model.last_record.stats
     for block in GATED:
         per_image = stats[f"keep_rate_per_image.block{block}"]
         assert per_image.shape == (6,) and per_image.std() > 0
@@ -494,8 +476,8 @@ def test_sample_rule_is_seeded():
         model.reducer.sample_seed = 1
         third = model(x)
     assert torch.equal(first, second)  # every forward draws from a generator seeded with sample_seed
-    assert all(torch.equal(states[0].keep_masks[b], states[1].keep_masks[b]) for b in GATED)
-    assert not all(torch.equal(states[0].keep_masks[b], states[2].keep_masks[b]) for b in GATED)
+    assert all(torch.equal(states[0].masks[b], states[1].masks[b]) for b in GATED)
+    assert not all(torch.equal(states[0].masks[b], states[2].masks[b]) for b in GATED)
     assert not torch.equal(first, third)
     model.reducer.sample_seed = None  # torch's global generator, as the official code
     with torch.no_grad():
@@ -546,11 +528,3 @@ def test_calibration_context_recalibrates_from_scratch():
     with pytest.raises(RuntimeError), reducer.calibration():
         raise RuntimeError("interrupted")
     assert (reducer.inference, reducer.threshold_momentum, reducer.calibrating) == ("sample", 0.1, False)
-
-
-def test_keep_count_of_a_traced_size():
-    from tokenprune.models.reducers.dynamicvit import fixed_keep_count
-    from tokenprune.models.reducers.svit import keep_count
-
-    assert keep_count(0.7, torch.tensor(10)) == keep_count(0.7, 10) == 7
-    assert fixed_keep_count(0.343, torch.tensor(24)) == fixed_keep_count(0.343, 24) == 8

@@ -21,7 +21,7 @@ from reducer_checks import (
 from tokenprune.errors import ConfigError
 from tokenprune.models import vit_small
 from tokenprune.models.reducers import REDUCERS, ToMeReducer, build_reducer
-from tokenprune.models.reducers.merging import keep_count
+from tokenprune.models.reducers.toolkit import keep_count
 
 N = IMG[0] * IMG[1] // 256
 
@@ -69,12 +69,12 @@ def test_keep_ratio_of_the_current_tokens_is_met(keep_ratio):
         model(images(2))
     n = N
     for block in range(DEPTH):
-        assert model.last_token_counts[block].tolist() == [1 + n] * 2
-        n = keep_count(keep_ratio, n)
-        assert model.last_stats[f"keep_rate.block{block}"].item() == pytest.approx(n / N)
-    maps = model.last_token_maps
+        assert model.last_record.token_counts[block].tolist() == [1 + n] * 2
+        n = keep_count(keep_ratio, n, min_keep=1)
+        assert model.last_record.stats[f"keep_rate.block{block}"].item() == pytest.approx(n / N)
+    maps = model.last_record.token_maps
     assert sorted(maps) == list(range(DEPTH))
-    assert all(len(ids.unique()) == keep_count(keep_ratio, N) for ids in maps[0])  # distinct ids = tokens
+    assert all(len(ids.unique()) == keep_count(keep_ratio, N, min_keep=1) for ids in maps[0])  # distinct ids = tokens
 
 
 def test_only_the_configured_blocks_merge():
@@ -82,12 +82,13 @@ def test_only_the_configured_blocks_merge():
     model.record_tokens = True
     with torch.no_grad():
         model(images(2))
-    after_1 = keep_count(0.5, N)
-    want = [N, N, after_1, after_1, after_1, keep_count(0.8, after_1)]
-    assert model.last_token_counts[:, 0].tolist() == want
-    assert sorted(model.last_token_maps) == [1, 4]
-    assert {k for k in model.last_stats if k.startswith("keep_rate.block")} == {"keep_rate.block1", "keep_rate.block4"}
-    assert (model.last_extra_macs > 0).all()
+    after_1 = keep_count(0.5, N, min_keep=1)
+    want = [N, N, after_1, after_1, after_1, keep_count(0.8, after_1, min_keep=1)]
+    assert model.last_record.token_counts[:, 0].tolist() == want
+    assert sorted(model.last_record.token_maps) == [1, 4]
+    stats = model.last_record.stats
+    assert {k for k in stats if k.startswith("keep_rate.block")} == {"keep_rate.block1", "keep_rate.block4"}
+    assert (model.last_record.extra_macs > 0).all()
 
 
 def test_deit_s_224_reproduces_tomes_schedule():
@@ -98,8 +99,8 @@ def test_deit_s_224_reproduces_tomes_schedule():
     with torch.no_grad():
         out = model(torch.randn(2, 3, 224, 224))
     assert out.shape == (2, 384, 14, 14)
-    assert model.last_token_counts[:, 0].tolist() == [197 - 13 * i for i in range(12)]
-    assert model.last_stats["keep_rate.block11"].item() == pytest.approx(40 / 196)
+    assert model.last_record.token_counts[:, 0].tolist() == [197 - 13 * i for i in range(12)]
+    assert model.last_record.stats["keep_rate.block11"].item() == pytest.approx(40 / 196)
 
 
 def reference_merge(z: torch.Tensor, unm: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,7 @@ def test_restored_value_is_the_size_weighted_mean_of_the_sources():
             merged = mid[0, members].mean(0, keepdim=True)
             want = model.norm(merged + h.mlp(h.norm2(merged)))
             assert torch.allclose(tokens[0, members], want.expand(int(members.sum()), -1), atol=1e-5)
-    assert len(source.unique()) == keep_count(0.5, N)
+    assert len(source.unique()) == keep_count(0.5, N, min_keep=1)
 
 
 def test_invalid_arguments():

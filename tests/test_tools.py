@@ -107,7 +107,7 @@ def test_svit_fine_tune_from_dense_then_test_reports_keep_rates(tmp_path):
         base=ROOT / "configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py",
         extra=(
             f"load_from = '{tmp_path}/dense/iter_2.pth'\n"
-            "model = dict(backbone=dict(depth=4, reducer=dict(gated_blocks=[2, 3], keep_targets=[0.7, 0.49])))\n"
+            "model = dict(backbone=dict(depth=4, reducer=dict(blocks=[2, 3], keep_targets=[0.7, 0.49])))\n"
             "custom_hooks = [dict(type='TokenStatsHook'), dict(type='SViTCalibrationHook', num_batches=3)]"
         ),
     )
@@ -169,12 +169,12 @@ def test_two_process_gloo_training_saves_a_checkpoint(tmp_path):
         ("load_from = '/no/such/model.pth'", "load_from checkpoint not found"),
         ("model = dict(backbone=dict(reducer=dict(type='NoSuchReducer')))", "unknown reducer type 'NoSuchReducer'"),
         (
-            "model = dict(backbone=dict(reducer=dict(type='SViT', gated_blocks=[2, 3], keep_targets=[0.7, 1.5])))",
+            "model = dict(backbone=dict(reducer=dict(type='SViT', blocks=[2, 3], keep_targets=[0.7, 1.5])))",
             "keep_targets must each be in (0, 1]",
         ),
         (
-            "model = dict(backbone=dict(reducer=dict(type='SViT', gated_blocks=[1, 2, 3], keep_targets=[0.7, 0.5])))",
-            "keep_targets needs one value per gated block",
+            "model = dict(backbone=dict(reducer=dict(type='SViT', blocks=[1, 2, 3], keep_targets=[0.7, 0.5])))",
+            "keep_targets needs one value per reducing block",
         ),
     ],
 )

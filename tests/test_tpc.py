@@ -18,7 +18,7 @@ from reducer_checks import (
 
 from tokenprune.errors import ConfigError
 from tokenprune.models.reducers import TPCReducer, build_reducer
-from tokenprune.models.reducers.svit import svit_ratio_loss
+from tokenprune.models.reducers.toolkit import keep_target_loss
 from tokenprune.models.reducers.tpc import tpc_smooth_loss
 
 images = functools.partial(reducer_checks.images, size=(64, 96))  # a 4 x 6 grid of patches
@@ -29,14 +29,14 @@ N = 24  # patch tokens of a 64 x 96 image
 
 
 def make_model(cls_token=False, seed=0, **kwargs):
-    kwargs = {"controlled_blocks": BLOCKS, "keep_targets": TARGETS, **kwargs}
+    kwargs = {"blocks": BLOCKS, "keep_targets": TARGETS, **kwargs}
     return make_vit(TPCReducer(DIM, **kwargs), cls_token=cls_token, seed=seed)
 
 
 def force_controllers(model, pause: float, restart: float, blocks=BLOCKS) -> None:
     """Controllers whose probabilities ignore the input: p_pause, p_restart in {0, 1}."""
     for b in blocks:
-        fc2 = model.reducer.controllers[model.reducer.index_of[b]].fc2
+        fc2 = model.reducer.controllers[model.reducer.gate_index[b]].fc2
         with torch.no_grad():
             fc2.weight.zero_()
             fc2.bias.copy_(torch.tensor([50.0 if pause else -50.0, 50.0 if restart else -50.0]))
@@ -86,7 +86,7 @@ def test_keep_target_one_matches_dense(cls_token, training, stabilizer):
     if training:
         force_controllers(model, pause=0, restart=1)  # a target of 1 does not stop sampling from pausing
     assert_matches_dense(model.train(training), images(2))
-    assert all(v.item() == 1.0 for k, v in model.last_stats.items() if k.startswith("keep_rate."))
+    assert all(v.item() == 1.0 for k, v in model.last_record.stats.items() if k.startswith("keep_rate."))
 
 
 @pytest.mark.parametrize("inference", ["threshold", "fixed"])
@@ -136,7 +136,7 @@ def test_train_masking_matches_eval_gathering(stabilizer):
 @pytest.mark.parametrize("training", [False, True])
 def test_paused_tokens_restart(training):
     # block 2 runs half the tokens; block 3 pauses every active token and restarts every paused one
-    model = make_model(controlled_blocks=(2, 3), keep_targets=(0.5, 0.5), inference="fixed").train(training)
+    model = make_model(blocks=(2, 3), keep_targets=(0.5, 0.5), inference="fixed").train(training)
     noise_free(model)
     force_controllers(model, pause=1, restart=1, blocks=(3,))
     states = capture_states(model)
@@ -145,7 +145,7 @@ def test_paused_tokens_restart(training):
     first, second = states[0].masks[2], states[0].masks[3]
     assert 0 < first.sum() < first.numel()
     assert torch.equal(second, ~first)
-    assert model.last_stats["restart_rate.block3"].item() == 1.0
+    assert model.last_record.stats["restart_rate.block3"].item() == 1.0
 
 
 def record_run_block(model, index: int) -> tuple[list, list]:
@@ -169,7 +169,7 @@ def test_paused_tokens_keep_their_value_or_get_the_stabilizer_update(training):
     # (block 1's output), plus the depth-wise 3x3 update of the stabilizer when it is on
     outs = {}
     for stabilizer in (False, True):
-        model = make_model(controlled_blocks=(2,), keep_targets=(0.05,), stabilizer=stabilizer)
+        model = make_model(blocks=(2,), keep_targets=(0.05,), stabilizer=stabilizer)
         if stabilizer:
             random_stabilizers(model)
         force_controllers(model, pause=1, restart=0, blocks=(2,))
@@ -200,7 +200,7 @@ def test_gradients_reach_controllers_and_stabilizers(stabilizer):
     for module in modules:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
     model.zero_grad()
-    losses = model.last_aux_losses
+    losses = model.last_record.aux_losses
     (losses["loss_tpc_budget"] + losses["loss_tpc_smooth"]).backward()
     for controller in model.reducer.controllers:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in controller.parameters())
@@ -208,7 +208,7 @@ def test_gradients_reach_controllers_and_stabilizers(stabilizer):
 
 def test_budget_and_smooth_losses_zero_at_target_and_grow_away():
     targets = torch.tensor([0.7, 0.49])
-    losses = [svit_ratio_loss(targets[:, None] + d, targets).item() for d in (0.0, 0.1, -0.2, 0.3)]
+    losses = [keep_target_loss(targets[:, None] + d, targets).item() for d in (0.0, 0.1, -0.2, 0.3)]
     assert losses[0] == 0.0 and 0 < losses[1] < losses[2] < losses[3]
     flat = torch.full((2, 2, 5, 7), 0.3)
     assert tpc_smooth_loss(flat).item() == pytest.approx(0.0, abs=1e-12)
@@ -225,8 +225,8 @@ def test_losses_in_the_model(target, want):
     model = make_model(keep_targets=(target,) * 4).train()
     force_controllers(model, pause=0, restart=1)
     model(images(2))
-    assert model.last_aux_losses["loss_tpc_budget"].item() == pytest.approx(want)
-    assert model.last_aux_losses["loss_tpc_smooth"].item() == pytest.approx(0.0, abs=1e-12)  # constant maps
+    assert model.last_record.aux_losses["loss_tpc_budget"].item() == pytest.approx(want)
+    assert model.last_record.aux_losses["loss_tpc_smooth"].item() == pytest.approx(0.0, abs=1e-12)  # constant maps
 
 
 @pytest.mark.parametrize("target", [0.05, 1.0])
@@ -248,7 +248,7 @@ def test_extreme_budgets(inference, training, target):
             assert mask.sum(1).tolist() == [2 if inference == "fixed" and not training else 1] * 3
         assert (mask.sum(1) >= 1).all()
     if training:
-        losses = model.last_aux_losses
+        losses = model.last_record.aux_losses
         assert all(torch.isfinite(v) for v in losses.values())
         (out.sum() + sum(losses.values())).backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -264,11 +264,11 @@ def test_fixed_mode_runs_exact_budget(img, n):
         model(torch.randn(3, 3, *img))
     for block, target in zip(BLOCKS, TARGETS):
         assert states[0].masks[block].sum(1).tolist() == [math.ceil(target * n)] * 3
-        assert model.last_token_counts[block].tolist() == [math.ceil(target * n)] * 3
-        ids = model.last_token_maps[block]
+        assert model.last_record.token_counts[block].tolist() == [math.ceil(target * n)] * 3
+        ids = model.last_record.token_maps[block]
         assert torch.equal(ids >= 0, states[0].masks[block])
     per_token = DIM * (DIM // 4) + (DIM // 4) * 2 + 9 * DIM
-    assert model.last_extra_macs == len(BLOCKS) * n * per_token
+    assert model.last_record.extra_macs == len(BLOCKS) * n * per_token
 
 
 def test_threshold_calibration_meets_target_on_average():
@@ -292,10 +292,10 @@ def test_threshold_calibration_meets_target_on_average():
     with torch.no_grad():
         for _ in range(6):
             model(torch.randn(8, 3, 128, 192, generator=g))
-            rates.append([model.last_stats[f"keep_rate.block{b}"].item() for b in BLOCKS])
+            rates.append([model.last_record.stats[f"keep_rate.block{b}"].item() for b in BLOCKS])
     realised = torch.tensor(rates).mean(0)
     assert (realised - torch.tensor(TARGETS)).abs().max().item() < 0.05, realised
-    per_image = model.last_stats[f"keep_rate_per_image.block{BLOCKS[-1]}"]
+    per_image = model.last_record.stats[f"keep_rate_per_image.block{BLOCKS[-1]}"]
     assert per_image.shape == (8,) and per_image.std() > 0  # the rate is dynamic per image
 
 
@@ -310,16 +310,16 @@ def test_thresholds_are_in_the_checkpoint_and_reset():
 
 
 def test_invalid_settings():
-    with pytest.raises(ValueError, match="one value per controlled block"):
-        TPCReducer(DIM, controlled_blocks=(2, 3), keep_targets=(0.7,))
+    with pytest.raises(ValueError, match="one value per reducing block"):
+        TPCReducer(DIM, blocks=(2, 3), keep_targets=(0.7,))
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-        TPCReducer(DIM, controlled_blocks=(2,), keep_targets=(1.5,))
+        TPCReducer(DIM, blocks=(2,), keep_targets=(1.5,))
     with pytest.raises(ValueError, match="inference"):
         TPCReducer(DIM, inference="mode")
     with pytest.raises(ValueError, match="loss weights"):
         TPCReducer(DIM, smooth_loss_weight=-1)
     with pytest.raises(ValueError, match="depth 6"):
-        make_model(controlled_blocks=(3, 6), keep_targets=(0.7, 0.5))
+        make_model(blocks=(3, 6), keep_targets=(0.7, 0.5))
     with pytest.raises(ConfigError, match="invalid TPC reducer settings"):
         build_reducer({"type": "TPC", "min_keep": 0}, DIM)
 

@@ -324,6 +324,9 @@ def test_invalid_options_are_refused(kwargs, match):
 
 
 class KeepAll(TokenReducer):
+    embed_dim = DIM
+    blocks = None
+
     def begin(self, x, hw, num_prefix):
         return x, None
 
@@ -336,11 +339,16 @@ class KeepAll(TokenReducer):
     def token_counts(self, state, depth):
         return torch.zeros(depth, 1)
 
+    def keep_schedule(self, depth=None, num_patches=None):
+        return ()
+
 
 def test_reducers_are_refused_on_windowed_and_rel_pos_backbones():
-    with pytest.raises(ValueError, match="token reduction inside windowed blocks is not supported yet: KeepAll"):
+    """Only a reducer that keeps every token at its grid place (``runs_on_grid``: SViT) drives windowed or
+    relative-position blocks (tests/test_vitdet_svit.py); the others are refused with the reason."""
+    with pytest.raises(ValueError, match="KeepAll cannot drive a backbone with window attention .* window grid"):
         ViT(**TINY, reducer=KeepAll())
-    with pytest.raises(ValueError, match="relative position embeddings is not supported yet"):
+    with pytest.raises(ValueError, match="KeepAll cannot drive a backbone with relative position embeddings"):
         ViT(**{**TINY, "window_size": 0, "global_block_indexes": None}, reducer=KeepAll())
     ViT(img_size=64, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, reducer=KeepAll())  # global: fine
 

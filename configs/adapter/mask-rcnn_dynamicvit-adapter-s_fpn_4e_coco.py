@@ -8,7 +8,7 @@ _base_ = ['./mask-rcnn_vit-adapter-s_fpn_3x_coco.py', '../_base_/schedules/svit_
 
 load_from = 'work_dirs/mask-rcnn_vit-adapter-s_fpn_3x_coco/epoch_36.pth'
 dynamicvit_reducer = dict(
-    type='DynamicViT', prune_blocks=[3, 6, 9], keep_ratios=[0.7, 0.49, 0.343], ratio_loss_weight=2.0,
+    type='DynamicViT', blocks=[3, 6, 9], keep_targets=[0.7, 0.49, 0.343], ratio_loss_weight=2.0,
     keep_pruned=False)
 model = dict(
     type='TokenPruneMaskRCNN',

@@ -7,7 +7,7 @@
 _base_ = ['./mask-rcnn_vit-adapter-s_fpn_3x_coco.py', '../_base_/schedules/svit_finetune.py']
 
 load_from = 'work_dirs/mask-rcnn_vit-adapter-s_fpn_3x_coco/epoch_36.pth'
-evit_reducer = dict(type='EViT', reduce_blocks=[3, 6, 9], keep_rate=[0.7, 0.49, 0.343], score='mean_attention')
+evit_reducer = dict(type='EViT', blocks=[3, 6, 9], keep_ratio=[0.7, 0.49, 0.343], score='mean_attention')
 model = dict(
     type='TokenPruneMaskRCNN',
     backbone=dict(init_cfg=None, reducer=evit_reducer))

@@ -1,4 +1,4 @@
-# The evidence study on the embedded shapes data (issue 13): every reducer fine-tuned from the same dense
+# The evidence study on the embedded shapes data: every reducer fine-tuned from the same dense
 # checkpoint with the same schedule (configs/dense/mask-rcnn_vit-t_simplefpn_finetune_shapes.py: 150
 # iterations x 4 images), 3 seeds each, beside the dense model's own seeds, a "dense continued" control with
 # the reducers' schedule, training-free rows, and SViT's four findings as ablations. Budgets: every pruning
@@ -23,7 +23,7 @@ _bat = 'configs/bat/mask-rcnn_bat-t_simplefpn_shapes.py'
 # blocks 3, 6, 9 by 0.67 (1.54-1.55x; at the paper's 0.7 they count 1.48x, because a block that reduces
 # between its attention and its MLP is counted at its input size), ToMe keeps 0.91 per block (1.64x).
 # The realised bounds on the val images are in the report.
-_evit_matched = {'model.backbone.reducer.keep_rate': 0.67}
+_evit_matched = {'model.backbone.reducer.keep_ratio': 0.67}
 _bat_matched = {'model.backbone.reducer.keep_ratio': 0.67}
 _ppt_matched = {'model.backbone.reducer.keep_ratio': [0.67, 0.67, 0.67]}
 _tome_matched = {'model.backbone.reducer.keep_ratio': 0.91}
@@ -67,6 +67,16 @@ entries = [
          cfg_options={'model.backbone.reducer.ratio_loss': 'image', 'model.backbone.reducer.inference': 'fixed'}),
     dict(name='svit-lg-gate', config=_svit, init='dense',
          cfg_options={'model.backbone.reducer.gate': 'local_global'}),
+    # SViT's faster training (train_compute='sparse': backward over the kept tokens only, same gradients)
+    dict(name='svit-sparse', config=_svit, init='dense',
+         cfg_options={'model.backbone.reducer.train_compute': 'sparse'}),
+    # ViTDet's windowed attention (4x4 windows, global blocks 2, 5, 8, 11, relative positions): its dense model
+    # trained as long as the dense start, then SViT inside the windows and the dense-continued control
+    dict(name='vitdet', config='configs/vitdet/mask-rcnn_vitdet-t_simplefpn_shapes.py', cfg_options=_dense_long),
+    dict(name='vitdet-continued', config=_ft, init='vitdet',
+         cfg_options={'model.backbone.window_size': 4, 'model.backbone.global_block_indexes': [2, 5, 8, 11],
+                      'model.backbone.use_rel_pos': True, 'model.backbone.rel_pos_input_size': 16}),
+    dict(name='vitdet-svit', config='configs/vitdet/mask-rcnn_vitdet-svit-t_simplefpn_shapes.py', init='vitdet'),
 ]
 
 targets = [
@@ -74,6 +84,8 @@ targets = [
          max_drop=0.5),
     dict(title='SViT within 0.5 mAP of dense continued (same start, same schedule)', a='svit',
          b='dense-continued', max_drop=0.5),
+    dict(title='SViT sparse training within 0.3 mAP of masked training (same start, same schedule)', a='svit-sparse',
+         b='svit', max_drop=0.3),
 ]
 comparisons = [
     dict(title='finding 1, pruned tokens kept in the map vs discarded (both without reactivation)',
@@ -90,4 +102,7 @@ comparisons = [
     dict(title='SViT vs PPT', a='svit', b='ppt'),
     dict(title='SViT vs ToMe (fine-tuned)', a='svit', b='tome'),
     dict(title='dense continued vs dense', a='dense-continued', b='dense'),
+    dict(title='SViT in windowed blocks vs its dense-continued control (ViTDet attention)', a='vitdet-svit',
+         b='vitdet-continued'),
+    dict(title='windowed vs global attention, dense (ViTDet vs DeiT-style)', a='vitdet', b='dense'),
 ]

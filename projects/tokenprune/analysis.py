@@ -1,9 +1,10 @@
 """What a token reducer did, from its token maps alone: keep rates, reactivation, tokens inside objects.
 
 Works for every method behind :class:`tokenprune.models.reducers.base.TokenReducer`, because it reads only
-``TokenReducer.token_maps`` (``backbone.last_token_maps`` after a forward with ``backbone.record_tokens =
-True``): per reducing block a (B, h*w) long tensor over the patch grid, ``PRUNED`` (-1) where that block's
-input did not carry the position, otherwise the id of the token carrying it; merged positions share an id.
+``TokenReducer.token_maps`` (``backbone.last_record.token_maps`` after a forward with
+``backbone.record_tokens = True``): per reducing block a (B, h*w) long tensor over the patch grid, ``PRUNED``
+(-1) where that block's input did not carry the position, otherwise the id of the token carrying it; merged
+positions share an id.
 
 Definitions (used by ``tools/analysis_tools/token_stats.py``, ``visualize_tokens.py`` and ``TokenStatsHook``):
 

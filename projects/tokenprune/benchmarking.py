@@ -423,7 +423,7 @@ def count_backbone(backbone: ViT, batches: Sequence[Tensor], ctx) -> tuple[Backb
                 padded.append(backbone_macs(backbone, tuple(x.shape[-2:]), padded=True))
                 if backbone.reducer is None:
                     continue
-                for k, v in backbone.last_stats.items():
+                for k, v in backbone.last_record.stats.items():
                     if not isinstance(v, Tensor) or v.dim() == 0:
                         stats.setdefault(k, []).append(float(v))
     finally:

@@ -148,7 +148,7 @@ def run(argv: list[str] | None = None) -> dict:
     out = dict(state_dict)
     for name in CALIBRATION_BUFFERS:
         out[prefix + name] = getattr(reducer, name).detach().cpu().clone()
-    blocks = list(reducer.threshold_blocks)
+    blocks = list(reducer.reduced_blocks())
     report = {
         "config": args.config,
         "checkpoint": args.checkpoint,

@@ -66,12 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def reducer_targets(model, blocks: list[int]) -> dict[int, float]:
-    """Block -> keep target, for reducers that declare ``gated_blocks`` and ``keep_targets`` (else empty)."""
+    """Block -> the reducer's nominal keep fraction after it (``reducer.keep_schedule()``: the keep targets of
+    SViT, TPC and DynamicViT, the running product of the keep ratios of the others), for the blocks in ``blocks``;
+    empty without a reducer or for a budget in absolute counts (``r``)."""
     reducer = getattr(model.backbone, "reducer", None)
-    gated, targets = getattr(reducer, "gated_blocks", None), getattr(reducer, "keep_targets", None)
-    if gated is None or targets is None or len(gated) != len(targets):
+    if reducer is None:
         return {}
-    return {int(b): float(t) for b, t in zip(gated, targets) if int(b) in blocks}
+    depth = getattr(model.backbone, "depth", None)
+    try:
+        schedule = reducer.keep_schedule(depth)
+    except ValueError:  # r budgets: the fraction depends on the image size
+        return {}
+    return {int(b): float(t) for b, t in zip(reducer.reduced_blocks(depth), schedule) if int(b) in blocks}
 
 
 def collect(model, dataset, num: int, batch_size: int, min_fraction: float) -> TokenStatistics:

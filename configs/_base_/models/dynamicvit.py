@@ -8,8 +8,8 @@
 #   custom_hooks = {{_base_.dynamicvit_hooks}}
 dynamicvit_reducer = dict(
     type='DynamicViT',
-    prune_blocks=[3, 6, 9],
-    keep_ratios=[0.7, 0.49, 0.343],
+    blocks=[3, 6, 9],
+    keep_targets=[0.7, 0.49, 0.343],
     ratio_loss_weight=2.0,
     keep_pruned=True)
 dynamicvit_hooks = [dict(type='TokenStatsHook')]

@@ -11,8 +11,8 @@
 #   custom_hooks = {{_base_.evit_hooks}}
 evit_reducer = dict(
     type='EViT',
-    reduce_blocks=[3, 6, 9],
-    keep_rate=0.7,
+    blocks=[3, 6, 9],
+    keep_ratio=0.7,
     score='mean_attention',
     fuse='mean',
     restore='last')

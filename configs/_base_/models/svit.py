@@ -6,7 +6,7 @@
 #   custom_hooks = {{_base_.svit_hooks}}
 svit_reducer = dict(
     type='SViT',
-    gated_blocks=[3, 4, 5, 6, 7, 8, 9, 10, 11],
+    blocks=[3, 4, 5, 6, 7, 8, 9, 10, 11],
     keep_targets=[0.7, 0.7, 0.7, 0.49, 0.49, 0.49, 0.343, 0.343, 0.343],
     ratio_loss_weight=4.0,
     ratio_loss='batch',

@@ -8,7 +8,7 @@
 #   custom_hooks = {{_base_.tpc_hooks}}
 tpc_reducer = dict(
     type='TPC',
-    controlled_blocks=[3, 4, 5, 6, 7, 8, 9, 10, 11],
+    blocks=[3, 4, 5, 6, 7, 8, 9, 10, 11],
     keep_targets=[0.7, 0.7, 0.7, 0.49, 0.49, 0.49, 0.343, 0.343, 0.343],
     budget_loss_weight=4.0,
     smooth_loss_weight=1.0,

@@ -111,7 +111,7 @@ class BatchTokens:
     Attributes:
         images: (B, H, W, 3) uint8 RGB network inputs before normalisation, padded like the batch (H, W).
         data_samples: The batch's data samples (with ``pred_instances`` in network-input pixels if predicted).
-        token_maps: ``backbone.last_token_maps``: reducing block -> (B, h*w).
+        token_maps: ``backbone.last_record.token_maps``: reducing block -> (B, h*w).
         grid_hw: Token grid (h, w).
         patch: Patch size in pixels.
     """
@@ -142,7 +142,7 @@ def run_batch(model: torch.nn.Module, items: list[dict], predict: bool = True) -
     return BatchTokens(
         images=images,
         data_samples=samples,
-        token_maps={b: m.cpu() for b, m in model.backbone.last_token_maps.items()},
+        token_maps={b: m.cpu() for b, m in model.backbone.last_record.token_maps.items()},
         grid_hw=model.backbone.grid_size((H, W)),
         patch=model.backbone.patch_size,
     )

@@ -78,13 +78,42 @@ def head_work_note(flops: dict[str, dict], tolerance: float = 0.01) -> str | Non
     )
 
 
-def build_detectors(args: argparse.Namespace) -> tuple[dict[str, nn.Module], list]:
-    """The detectors of ``args.configs`` in eval mode on the device, labelled by config name, and the configs."""
+def build_same_weight_detectors(cfgs: Sequence, checkpoints: Sequence[str | None], seed: int) -> list[nn.Module]:
+    """Build the detectors of loaded configs (on the CPU, in train mode). A model with a checkpoint loads it;
+    one without starts from the same random weights as every other: those of the first model wherever names
+    and shapes fit (its gates, for instance, stay at their seeded initialisation).
+
+    Args:
+        cfgs: Loaded MMEngine configs (``load_config``), one per model.
+        checkpoints: One path or None per config.
+        seed: Seed of the random weights.
+    """
     from mmdet.registry import MODELS
     from mmengine.registry import init_default_scope
     from mmengine.runner import load_checkpoint
 
     import tokenprune  # noqa: F401  (registers the models)
+
+    models = []
+    for cfg, ckpt in zip(cfgs, checkpoints):
+        init_default_scope(cfg.get("default_scope", "mmdet"))
+        torch.manual_seed(seed)
+        model = MODELS.build(cfg.model)
+        if ckpt is not None:
+            if not osp.isfile(ckpt):
+                raise ValueError(f"checkpoint not found: {ckpt}")
+            load_checkpoint(model, ckpt, map_location="cpu", strict=False, logger="silent")
+        elif models:
+            reference, own = models[0].state_dict(), model.state_dict()
+            model.load_state_dict(
+                {k: v for k, v in reference.items() if k in own and v.shape == own[k].shape}, strict=False
+            )
+        models.append(model)
+    return models
+
+
+def build_detectors(args: argparse.Namespace) -> tuple[dict[str, nn.Module], list]:
+    """The detectors of ``args.configs`` in eval mode on the device, labelled by config name, and the configs."""
     from tokenprune.mmdet_plugin.cli import load_config
 
     if args.checkpoints and len(args.checkpoints) != len(args.configs):
@@ -96,27 +125,14 @@ def build_detectors(args: argparse.Namespace) -> tuple[dict[str, nn.Module], lis
     args.head_work = resolve_head_work(getattr(args, "head_work", "auto"), checkpoints)
     labels = [osp.splitext(osp.basename(c))[0] for c in args.configs]
     labels = [f"{lab}#{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
-    cfgs, models = [], {}
-    for i, (path, ckpt, label) in enumerate(zip(args.configs, checkpoints, labels)):
+    cfgs = []
+    for path in args.configs:
         cfg = load_config(path, args.cfg_options)
         if args.head_work == "fixed":
             fix_head_work(cfg.model)
-        init_default_scope(cfg.get("default_scope", "mmdet"))
-        torch.manual_seed(args.seed)
-        model = MODELS.build(cfg.model)
-        if ckpt is not None:
-            if not osp.isfile(ckpt):
-                raise ValueError(f"checkpoint not found: {ckpt}")
-            load_checkpoint(model, ckpt, map_location="cpu", logger="silent")
-        elif i > 0:
-            reference = next(iter(models.values())).state_dict()
-            own = model.state_dict()
-            model.load_state_dict(
-                {k: v for k, v in reference.items() if k in own and v.shape == own[k].shape}, strict=False
-            )
         cfgs.append(cfg)
-        models[label] = model.to(args.device).eval()
-    return models, cfgs
+    models = build_same_weight_detectors(cfgs, checkpoints, args.seed)
+    return {label: m.to(args.device).eval() for label, m in zip(labels, models)}, cfgs
 
 
 def raw_detector_batches(args: argparse.Namespace, cfg, batch: int) -> list[dict]:

@@ -6,13 +6,16 @@ from mmdet.models.detectors import MaskRCNN
 from mmdet.registry import MODELS
 from torch import Tensor
 
+from ..models.record import ReductionRecord
+
 
 def backbone_losses_and_stats(backbone) -> dict[str, Tensor]:
     """The reducer's losses of the last forward (e.g. ``loss_svit_ratio``, summed into the total loss) and
-    its mean keep rates (logged beside them; their names hold no 'loss', so they are not summed)."""
-    out = dict(getattr(backbone, "last_aux_losses", {}))
-    stats = getattr(backbone, "last_stats", {})
-    out.update({k: v for k, v in stats.items() if isinstance(v, Tensor) and v.dim() == 0})
+    its mean keep rates (logged beside them; their names hold no 'loss', so they are not summed), from the
+    backbone's ``last_record`` (nothing for a backbone without one)."""
+    record = getattr(backbone, "last_record", None) or ReductionRecord()
+    out = dict(record.aux_losses)
+    out.update({k: v for k, v in record.stats.items() if isinstance(v, Tensor) and v.dim() == 0})
     return out
 
 

@@ -16,7 +16,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from ..analysis import keep_rates
-from ..models.flops import dense_backbone_macs, macs_from_counts
+from ..models.flops import dense_backbone_macs, macs_from_counts, window_token_counts
+from ..models.record import ReductionRecord
 
 PER_IMAGE = "keep_rate_per_image.block"
 RULE = "inference_rule/block"
@@ -153,12 +154,12 @@ class TokenStatsHook(Hook):
 
     @staticmethod
     def _per_image_rates(backbone) -> dict[int, torch.Tensor]:
-        """Block -> (B,) keep rate of each image in the backbone's last forward."""
-        stats = getattr(backbone, "last_stats", {})
-        rates = {int(k[len(PER_IMAGE) :]): v for k, v in stats.items() if k.startswith(PER_IMAGE)}
+        """Block -> (B,) keep rate of each image in the backbone's last forward (its ``last_record``)."""
+        record = getattr(backbone, "last_record", None) or ReductionRecord()
+        rates = {int(k[len(PER_IMAGE) :]): v for k, v in record.stats.items() if k.startswith(PER_IMAGE)}
         if rates:
             return rates
-        return keep_rates(getattr(backbone, "last_token_maps", {}) or {})
+        return keep_rates(record.token_maps)
 
     @staticmethod
     def _record_tokens(runner) -> None:
@@ -200,11 +201,13 @@ class TokenStatsHook(Hook):
             runner.logger.warning(describe_fallbacks(reducer, fallbacks))
 
     def _count_macs(self, backbone) -> None:
-        counts = getattr(backbone, "last_token_counts", None)
+        record = getattr(backbone, "last_record", None)
+        counts = None if record is None else record.token_counts
         if counts is None or self._input_hw is None or not hasattr(backbone, "blocks"):
             return
         try:
-            real = macs_from_counts(backbone, counts, self._input_hw, backbone.last_extra_macs).total
+            windows = window_token_counts(backbone, counts, record.token_maps, self._input_hw)
+            real = macs_from_counts(backbone, counts, self._input_hw, record.extra_macs, windows).total
             dense = dense_backbone_macs(backbone, self._input_hw, counts.shape[1]).total
         except (ValueError, AttributeError):  # a backbone whose blocks the counter does not know
             return

@@ -2,9 +2,10 @@
 
 A static counter (fvcore, mmengine's ``get_model_complexity_info``) traces one forward and sees the shapes of
 that trace: it reports no saving for a reducer that gathers a data-dependent number of tokens, or it counts
-the padding of a batch. Here the backbone's cost is computed from ``backbone.last_token_counts`` (the
-(depth, B) tokens each image fed to each block, :meth:`tokenprune.models.reducers.TokenReducer.token_counts`)
-and the reducer's own ``last_extra_macs``, both kept after a forward with ``backbone.record_tokens = True``.
+the padding of a batch. Here the backbone's cost is computed from the token counts of its
+:class:`tokenprune.models.record.ReductionRecord` (``backbone.last_record.token_counts``: the (depth, B) tokens
+each image fed to each block, :meth:`tokenprune.models.reducers.TokenReducer.token_counts`) and the reducer's
+own MACs (``last_record.extra_macs``), both kept after a forward with ``backbone.record_tokens = True``.
 
 Convention: everything is in **MACs** (multiply-accumulates), per image. 1 MAC = 2 FLOPs. The "GFLOPs" of
 the ViT papers (DeiT-S: 4.6 at 224x224) and of fvcore / MMDetection's ``get_flops`` are MACs under this
@@ -40,19 +41,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .reducers.windowed import window_counts
 
-def block_macs(tokens: Tensor | float, block: nn.Module, grid_hw: tuple[int, int] | None = None) -> Tensor:
+
+def block_macs(
+    tokens: Tensor | float,
+    block: nn.Module,
+    grid_hw: tuple[int, int] | None = None,
+    window_tokens: Tensor | None = None,
+) -> Tensor:
     """MACs of one :class:`tokenprune.models.vit.Block` run on ``tokens`` tokens attending to as many keys.
 
     A windowed block (``block.window_size > 0``, ViTDet) runs densely on the ``grid_hw`` token grid, padded
     to whole windows: its attention part (qkv, the per-window q @ k^T and attn @ v, the projection) runs on
     every padded window, ``windows * ws^2`` tokens each attending to the ``ws^2`` of its window, its MLP on
-    the ``tokens`` real ones.
+    the ``tokens`` real ones. Run on the kept tokens of each window (SViT, :mod:`.reducers.windowed`), given
+    ``window_tokens`` n_w: the attention part costs ``sum_w n_w`` tokens through qkv and the projection and
+    ``2 sum_w n_w^2 C`` for q @ k^T and attn @ v (the one key per window that stands for its zero padding is
+    not counted).
 
     Args:
         tokens: Token count n, a number or a tensor of any shape (e.g. (B,) per image).
         block: The block; its layer sizes are read from ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``.
         grid_hw: The token grid (h, w); needed for a windowed block.
+        window_tokens: None (dense windows), or the tokens each window of a windowed block ran, of the shape of
+            ``tokens`` plus a last dimension over the windows (:func:`window_token_counts`).
 
     Returns:
         MACs, float tensor of the shape of ``tokens``.
@@ -67,9 +80,50 @@ def block_macs(tokens: Tensor | float, block: nn.Module, grid_hw: tuple[int, int
         return n * (attn_linear + mlp_linear) + 2.0 * n * n * dim
     if grid_hw is None:
         raise ValueError("the MACs of a windowed block need the token grid: pass grid_hw")
+    if window_tokens is not None:
+        n_w = torch.as_tensor(window_tokens, dtype=torch.float64)
+        return n * mlp_linear + n_w.sum(dim=-1) * attn_linear + 2.0 * n_w.square().sum(dim=-1) * dim
     windows = math.ceil(grid_hw[0] / ws) * math.ceil(grid_hw[1] / ws)
     padded = windows * ws * ws
     return n * mlp_linear + torch.full_like(n, padded * attn_linear + 2.0 * windows * (ws * ws) ** 2 * dim)
+
+
+def window_token_counts(
+    backbone: nn.Module,
+    counts: Tensor,
+    token_maps: dict[int, Tensor],
+    img_hw: tuple[int, int],
+    padded: bool = False,
+) -> dict[int, Tensor]:
+    """The tokens each window of the windowed blocks ran, where a reducer ran them on their kept tokens.
+
+    A windowed block whose image ran fewer than all its tokens (``counts``) ran its windows on the kept ones
+    (:mod:`tokenprune.models.reducers.windowed`): the positions its token map does not mark ``PRUNED``, counted
+    per window. An image that ran every token ran the block densely: ``ws^2`` tokens in each padded window.
+
+    Args:
+        backbone: The ViT.
+        counts: (depth, B) tokens each image fed to each block.
+        token_maps: Block -> (B, h*w) token map of the forward (:meth:`TokenReducer.token_maps`).
+        img_hw: Input image size (H, W) of the forward.
+        padded: What a padded batch executes: every gathered window as long as the batch's longest.
+
+    Returns:
+        Block -> (B, windows) float, for the windowed blocks with a token map where some image ran fewer tokens.
+    """
+    hw = backbone.grid_size(img_hw)
+    num_tokens = backbone.num_prefix_tokens + hw[0] * hw[1]
+    out = {}
+    for index, block in enumerate(backbone.blocks):
+        ws, ids = getattr(block, "window_size", 0), token_maps.get(index)
+        ran_all = counts[index].detach().cpu() >= num_tokens - 1e-6
+        if not ws or ids is None or bool(ran_all.all()):
+            continue
+        kept = window_counts(ids.detach().cpu() >= 0, hw, (ws, ws)).double()
+        if padded:
+            kept = torch.where(kept > 0, kept.max(), kept)
+        out[index] = torch.where(ran_all[:, None], torch.full_like(kept, ws * ws), kept)
+    return out
 
 
 def patch_embed_macs(backbone: nn.Module, img_hw: tuple[int, int]) -> int:
@@ -137,7 +191,11 @@ class BackboneMacs:
 
 
 def macs_from_counts(
-    backbone: nn.Module, counts: Tensor, img_hw: tuple[int, int], extra: Tensor | float = 0.0
+    backbone: nn.Module,
+    counts: Tensor,
+    img_hw: tuple[int, int],
+    extra: Tensor | float = 0.0,
+    window_tokens: dict[int, Tensor] | None = None,
 ) -> BackboneMacs:
     """MACs of ``backbone`` (a :class:`tokenprune.models.ViT`) for given per-block token counts.
 
@@ -146,7 +204,10 @@ def macs_from_counts(
         counts: (depth, B) tokens each image fed to each block.
         img_hw: Input image size (H, W) of the forward, before padding to the patch size.
         extra: The reducer's own MACs per image, (B,) or a scalar.
+        window_tokens: Windowed block -> (B, windows) tokens each window ran, for the blocks a reducer ran on
+            kept tokens window by window (:func:`window_token_counts`); the other windowed blocks count dense.
     """
+    window_tokens = window_tokens or {}
     counts = counts.detach().double().cpu()
     if counts.dim() != 2 or counts.shape[0] != len(backbone.blocks):
         raise ValueError(f"token counts must be (depth={len(backbone.blocks)}, B), got {tuple(counts.shape)}")
@@ -158,7 +219,9 @@ def macs_from_counts(
             f"{img_hw[1]} input: pass the image size of the forward the counts come from"
         )
     batch = counts.shape[1]
-    blocks = torch.stack([block_macs(counts[i], blk, (h, w)) for i, blk in enumerate(backbone.blocks)])
+    blocks = torch.stack(
+        [block_macs(counts[i], blk, (h, w), window_tokens.get(i)) for i, blk in enumerate(backbone.blocks)]
+    )
     extra = torch.as_tensor(extra, dtype=torch.float64).detach().cpu().expand(batch).clone()
     embed = torch.full((batch,), float(patch_embed_macs(backbone, img_hw)), dtype=torch.float64)
     n = torch.full((batch,), float(num_tokens), dtype=torch.float64)
@@ -172,17 +235,23 @@ def backbone_macs(backbone: nn.Module, img_hw: tuple[int, int], padded: bool = F
         backbone: A :class:`tokenprune.models.ViT` whose last forward ran with ``record_tokens = True``.
         img_hw: Input image size (H, W) of that forward.
         padded: Count what a padded batch executes: at each block every image costs the batch's largest
-            count (how :func:`tokenprune.models.reducers.svit.run_on_kept` runs images of different counts).
+            count (how :func:`tokenprune.models.reducers.toolkit.run_on_kept` runs images of different counts), in
+            a windowed block run on kept tokens every gathered window the batch's longest.
+
+    Windowed blocks a reducer ran on kept tokens count the tokens of each window (:func:`window_token_counts`,
+    from the record's token maps).
     """
-    counts = getattr(backbone, "last_token_counts", None)
+    record = getattr(backbone, "last_record", None)
+    counts = None if record is None else record.token_counts
     if counts is None:
         raise ValueError(
             "the backbone has no recorded token counts: set backbone.record_tokens = True before the forward "
             "to count (or use count_backbone_macs)"
         )
+    windows = window_token_counts(backbone, counts, record.token_maps, img_hw, padded)
     if padded:
         counts = counts.amax(dim=1, keepdim=True).expand_as(counts)
-    return macs_from_counts(backbone, counts, img_hw, backbone.last_extra_macs)
+    return macs_from_counts(backbone, counts, img_hw, record.extra_macs, windows)
 
 
 def dense_backbone_macs(backbone: nn.Module, img_hw: tuple[int, int], batch: int = 1) -> BackboneMacs:

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from .reducers.base import TokenReducer, dense_token_counts
+from .record import ReductionRecord, reduction_record
+from .reducers.base import TokenReducer
 
 
 def to_hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -84,7 +85,8 @@ def window_unpartition(windows: Tensor, window_size: int, pad_hw: tuple[int, int
 def window_key_mask(attn_mask: Tensor, batch: int, hw: tuple[int, int], window_size: int, dtype: torch.dtype) -> Tensor:
     """A mask over keys, (B or 1, 1, 1, h*w) bool (True = may attend) or additive float, -> the same mask for
     every window, (B * windows, 1, 1, ws*ws), additive float; the padding keys get 0 (they take part, as in
-    detectron2). Masks that differ per query are not supported inside windows."""
+    detectron2); a window with no allowed key gets no mask (it would give NaN). Masks that differ per query are
+    not supported inside windows."""
     if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1:
         raise ValueError(
             "inside windowed blocks attn_mask must be a mask over keys of shape (B or 1, 1, 1, N), got "
@@ -96,7 +98,10 @@ def window_key_mask(attn_mask: Tensor, batch: int, hw: tuple[int, int], window_s
         mask = attn_mask.to(dtype)
     h, w = hw
     windows, _ = window_partition(mask.expand(batch, 1, 1, h * w).reshape(batch, h, w, 1), window_size)
-    return windows.reshape(-1, 1, 1, window_size * window_size)
+    windows = windows.reshape(-1, 1, 1, window_size * window_size)
+    # a window whose keys are all masked out (every token of it pruned) would give NaN: its queries attend to
+    # all keys instead (their outputs are the masked tokens', which their caller discards)
+    return windows.masked_fill(torch.isneginf(windows).all(dim=-1, keepdim=True), 0.0)
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
@@ -136,6 +141,81 @@ def decomposed_rel_pos(
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
     return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, heads, qh * qw, kh * kw)
+
+
+def rel_pos_terms(
+    q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, grid_hw: tuple[int, int], coords: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The two decomposed relative-position terms of queries at given coordinates, against every row and column
+    of their grid: what :func:`decomposed_rel_pos` computes for a whole grid, for any subset of its positions.
+
+    Args:
+        q: Unscaled queries (B, heads, n, head_dim).
+        rel_pos_h: Table (Lh, head_dim) along the height.
+        rel_pos_w: Table (Lw, head_dim) along the width.
+        grid_hw: The grid (gh, gw) the queries sit on (a window, or a global block's whole token grid); the
+            tables are interpolated to it as for a dense (gh, gw) grid.
+        coords: (B, n, 2) long, each query's original (row, column) on that grid.
+
+    Returns:
+        (B, heads, n, gh) with q . Rh[row, r] for every grid row r, and (B, heads, n, gw) with
+        q . Rw[column, c] for every grid column c.
+    """
+    gh, gw = grid_hw
+    Rh = get_rel_pos(gh, gh, rel_pos_h)[coords[..., 0]]  # (B, n, gh, head_dim): the rows of each query's row
+    Rw = get_rel_pos(gw, gw, rel_pos_w)[coords[..., 1]]
+    return torch.einsum("bhnc,bnkc->bhnk", q, Rh), torch.einsum("bhnc,bnkc->bhnk", q, Rw)
+
+
+def decomposed_rel_pos_at(rel_h: Tensor, rel_w: Tensor, coords: Tensor) -> Tensor:
+    """Decomposed relative positions among tokens at given grid coordinates, as an additive bias.
+
+    Args:
+        rel_h: (B, heads, n, gh) height terms of the n queries (:func:`rel_pos_terms`).
+        rel_w: (B, heads, n, gw) width terms.
+        coords: (B, n, 2) long, the (row, column) of the n tokens, which are both the queries and the keys.
+
+    Returns:
+        (B, heads, n, n): rel_h[i, row_j] + rel_w[i, column_j] for query i and key j, i.e. the entries of
+        :func:`decomposed_rel_pos` on the whole grid at these tokens' original positions.
+    """
+    B, heads, n, _ = rel_h.shape
+    rows = coords[..., 0][:, None, None, :].expand(B, heads, n, n)
+    cols = coords[..., 1][:, None, None, :].expand(B, heads, n, n)
+    return rel_h.gather(-1, rows) + rel_w.gather(-1, cols)
+
+
+def padding_key_logits(
+    rel_terms: tuple[Tensor, Tensor] | None, grid_hw: tuple[int, int], content_hw: Tensor, shape: tuple[int, ...]
+) -> Tensor:
+    """log sum over the zero-padding positions of a window of exp(the relative-position term of a query with a
+    key there): the padding keys of a window all have the same key and value (those of a zero token), so
+    together they act as one key whose logit is the shared q . k plus this.
+
+    Args:
+        rel_terms: The queries' (rel_h, rel_w) from :func:`rel_pos_terms`, or None without relative positions.
+        grid_hw: The window (gh, gw).
+        content_hw: (B, 2) long, the rows and columns of each window that hold tokens (the others are the
+            zero padding at the bottom and right of the token grid).
+        shape: (B, heads, n), the queries' shape (used without relative positions).
+
+    Returns:
+        (B, heads, n, 1), or broadcastable to it; -inf for a window without padding.
+    """
+    gh, gw = grid_hw
+    hv, wv = content_hw[:, 0], content_hw[:, 1]
+    if rel_terms is None:
+        count = (gh * gw - hv * wv).to(torch.float32)
+        return count.log().reshape(-1, 1, 1, 1).expand(*shape, 1)
+    rel_h, rel_w = rel_terms
+    below = torch.arange(gh, device=rel_h.device) >= hv[:, None]  # (B, gh): padding rows
+    right = torch.arange(gw, device=rel_w.device) >= wv[:, None]
+    below, right = below[:, None, None, :], right[:, None, None, :]
+    inf = -math.inf
+    # padding = the padding rows (every column) and, in the content rows, the padding columns
+    lower = rel_h.masked_fill(~below, inf).logsumexp(-1) + rel_w.logsumexp(-1)
+    side = rel_h.masked_fill(below, inf).logsumexp(-1) + rel_w.masked_fill(~right, inf).logsumexp(-1)
+    return torch.logaddexp(lower, side).unsqueeze(-1)
 
 
 def add_attn_mask(bias: Tensor, attn_mask: Tensor | None) -> Tensor:
@@ -196,6 +276,58 @@ class Attention(nn.Module):
             attn_mask = add_attn_mask(bias, attn_mask)
         drop = self.attn_drop if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+    def forward_at(
+        self,
+        x: Tensor,
+        coords: Tensor,
+        grid_hw: tuple[int, int],
+        key_mask: Tensor | None = None,
+        content_hw: Tensor | None = None,
+    ) -> Tensor:
+        """Attention among a subset of a grid's tokens, with the relative positions of their original places.
+
+        What :meth:`forward` computes for the whole (gh, gw) grid with every token outside the subset masked
+        out as a key (the zero padding of a windowed block excepted), computed on the subset only: token
+        reduction gathers the kept tokens of each window (or of a global block's grid) and runs this.
+
+        Args:
+            x: Normalised tokens (B, n, C): B windows (or images) of n tokens each, in any order.
+            coords: (B, n, 2) long, each token's (row, column) on its (gh, gw) grid.
+            grid_hw: The grid (gh, gw): the window, or a global block's token grid.
+            key_mask: None, or (B, n) bool, False at rows that are padding of the batch, not tokens: they are
+                no keys, and their outputs are meaningless.
+            content_hw: None (no padding), or (B, 2) long, the rows and columns of each window that hold
+                tokens: the window's remaining positions are the zero padding of a windowed block, which takes
+                part as keys, as in :meth:`Block.window_attention`.
+
+        Returns:
+            (B, n, C), after the output projection.
+        """
+        B, N, C = x.shape
+        heads, dim = self.num_heads, C // self.num_heads
+        q, k, v = self.qkv(x).reshape(B, N, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        terms = bias = None
+        if self.use_rel_pos:
+            terms = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, grid_hw, coords)
+            bias = decomposed_rel_pos_at(*terms, coords).to(q.dtype)
+        if key_mask is not None:
+            bias = add_attn_mask(x.new_zeros(B, 1, 1, N) if bias is None else bias, key_mask[:, None, None, :])
+        if content_hw is not None:
+            # the padding keys: a zero token's key and value (the qkv bias), folded into one key with their
+            # summed weight; the extra key is zero so that its whole logit sits in the bias
+            zero = self.qkv.bias if self.qkv.bias is not None else x.new_zeros(3 * C)
+            k_pad, v_pad = zero[C : 2 * C].reshape(heads, 1, dim), zero[2 * C :].reshape(heads, 1, dim)
+            logit = padding_key_logits(terms, grid_hw, content_hw, (B, heads, N)).to(q.dtype)
+            logit = logit + (q @ k_pad.transpose(-2, -1)) * dim**-0.5
+            if bias is None:
+                bias = x.new_zeros(B, heads, N, N)
+            bias = torch.cat([bias.expand(B, heads, N, N), logit], dim=-1)
+            k = torch.cat([k, k.new_zeros(B, heads, 1, dim)], dim=2)
+            v = torch.cat([v, v_pad.expand(B, heads, 1, dim)], dim=2)
+        drop = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -321,8 +453,8 @@ class ViT(nn.Module):
         drop_rate: Dropout after the position embedding and in the blocks' projections.
         attn_drop_rate: Dropout on attention weights.
         reducer: Token-reduction method driving the blocks (see :class:`TokenReducer`); None runs every block
-            densely. After each forward its losses and stats are in ``last_aux_losses`` and ``last_stats``.
-            Not supported yet on a backbone with windowed or relative-position blocks.
+            densely. What it did in each forward is kept in ``last_record`` (see below).
+            On a backbone with windowed or relative-position blocks only SViT (see ``reducers/windowed.py``).
         window_size: Window side in tokens of the windowed blocks (ViTDet: 14); 0 (default): no windows.
         window_block_indexes: The blocks with window attention (detectron2's argument); the others are global.
         global_block_indexes: Or the blocks with global attention (ViTDet-B: 2, 5, 8, 11); the others are
@@ -334,9 +466,11 @@ class ViT(nn.Module):
         norm_eps: Epsilon of the blocks' LayerNorms (1e-6: timm, DeiT, MAE, detectron2's ViTDet; MMDetection's
             ViTDet config builds them with mmcv's default 1e-5).
 
-    Setting ``record_tokens = True`` (analysis tools do) also keeps, after each forward, ``last_token_counts``
-    ((depth, B) tokens each block ran, see :meth:`TokenReducer.token_counts`), ``last_extra_macs`` (the
-    reducer's own multiply-accumulates per image) and ``last_token_maps`` (:meth:`TokenReducer.token_maps`).
+    After each forward ``last_record`` holds a :class:`tokenprune.models.record.ReductionRecord` built by
+    :func:`tokenprune.models.record.reduction_record`: the reducer's losses and stats (empty when dense) and,
+    with ``record_tokens = True`` (analysis tools set it; off by default since it costs time), the (depth, B)
+    tokens each block ran (:meth:`TokenReducer.token_counts`; all tokens when dense), the reducer's own
+    multiply-accumulates per image and its token maps (:meth:`TokenReducer.token_maps`).
     """
 
     def __init__(
@@ -407,32 +541,32 @@ class ViT(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
         self.reset_parameters()
-        self.last_aux_losses: dict[str, Tensor] = {}
-        self.last_stats: dict[str, float | Tensor] = {}
         self.record_tokens = False
-        self.last_token_counts: Tensor | None = None
-        self.last_extra_macs: Tensor | float = 0.0
-        self.last_token_maps: dict[int, Tensor] = {}
+        self.last_record = ReductionRecord()
         # set after reset_parameters so the reducer keeps its own initialisation
         self.set_reducer(reducer)
 
     def set_reducer(self, reducer: TokenReducer | None) -> None:
         """Attach (or, with None, remove) the token-reduction method; raises ValueError if it does not fit."""
-        if reducer is not None:
-            # reducers drive the blocks as block(x, attn_mask) on a token set they may shrink; windowed and
-            # relative-position blocks need the complete (h, w) grid
+        grid_blocks = bool(self.window_block_indexes) or self.use_rel_pos
+        if reducer is not None and grid_blocks and not getattr(reducer, "runs_on_grid", False):
+            # most reducers drive the blocks as block(x, attn_mask) on a token set they shrink or merge; windowed
+            # and relative-position blocks need every token at its place on the (h, w) grid
             name = type(reducer).__name__
             if self.window_block_indexes:
-                raise ValueError(
-                    f"token reduction inside windowed blocks is not supported yet: {name} cannot drive a backbone "
-                    f"with window attention (window_size={self.window_size}, windowed blocks "
-                    f"{list(self.window_block_indexes)}); use a backbone without windows or no reducer"
+                what = (
+                    f"window attention (window_size={self.window_size}, windowed blocks "
+                    f"{list(self.window_block_indexes)})"
                 )
-            if self.use_rel_pos:
-                raise ValueError(
-                    f"token reduction in blocks with relative position embeddings is not supported yet: {name} "
-                    "cannot drive a backbone with use_rel_pos=True; use a backbone without them or no reducer"
-                )
+            else:
+                what = "relative position embeddings (use_rel_pos=True)"
+            raise ValueError(
+                f"{name} cannot drive a backbone with {what}: it shrinks or merges the token set across the whole "
+                "image, which breaks the window grid (windows and relative positions need every token at its place "
+                "on the token grid). Use SViT (pruned tokens stay in place; each window runs on its kept tokens), "
+                "or a backbone with global attention and no relative positions (window_size=0, use_rel_pos=False)"
+            )
+        if reducer is not None:
             reducer.check_backbone(self.depth, self.embed_dim)
         self.reducer = reducer
 
@@ -475,25 +609,21 @@ class ViT(nn.Module):
         return self.pos_drop(x), (h, w)
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Images (B, 3, H, W) -> normalised tokens (B, prefix + h*w, C) and the grid (h, w)."""
+        """Images (B, 3, H, W) -> normalised tokens (B, prefix + h*w, C) and the grid (h, w); the forward's
+        :class:`ReductionRecord` goes to ``last_record``."""
         x, hw = self.embed(x)
+        runs = []
         if self.reducer is None:
             for blk in self.blocks:
                 x = blk(x, None, hw)
-            if self.record_tokens:
-                self.last_token_counts = dense_token_counts(self.depth, x.shape[0], x.shape[1], x.device)
-                self.last_extra_macs, self.last_token_maps = 0.0, {}
-            return self.norm(x), hw
-        x, state = self.reducer.begin(x, hw, self.num_prefix_tokens)
-        for i, blk in enumerate(self.blocks):
-            x = self.reducer.run_block(i, blk, x, state)
-        x = self.reducer.finish(x, state)
-        self.last_aux_losses = self.reducer.aux_losses(state)
-        self.last_stats = self.reducer.stats(state)
-        if self.record_tokens:
-            self.last_token_counts = self.reducer.token_counts(state, self.depth)
-            self.last_extra_macs = self.reducer.extra_macs(state)
-            self.last_token_maps = self.reducer.token_maps(state)
+        else:
+            x, state = self.reducer.begin(x, hw, self.num_prefix_tokens)
+            for i, blk in enumerate(self.blocks):
+                x = self.reducer.run_block(i, blk, x, state)
+            x = self.reducer.finish(x, state)
+            runs.append((range(self.depth), state))
+        B, N = x.shape[:2]
+        self.last_record = reduction_record(self.reducer, runs, self.depth, B, N, x.device, self.record_tokens)
         return self.norm(x), hw
 
     def tokens_to_map(self, x: Tensor, hw: tuple[int, int]) -> Tensor:

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
-from .reducers.base import TokenReducer, dense_token_counts
+from .record import reduction_record
+from .reducers.base import TokenReducer
 from .vit import ViT
 
 DEFAULT_INTERACTION_INDEXES = ((0, 2), (3, 5), (6, 8), (9, 11))
@@ -145,11 +146,6 @@ class MSDeformAttn(nn.Module):
         else:
             out = ms_deform_attn_core(v, shapes, locations, weights)
         return self.output_proj(out)
-
-
-def mean_of(values: list):
-    """The one value, or the mean of several (losses or stats reported by several stages)."""
-    return values[0] if len(values) == 1 else sum(values) / len(values)
 
 
 def reference_points(shapes: Shapes, device: torch.device) -> Tensor:
@@ -392,17 +388,20 @@ class ViTAdapter(ViT):
 
     - ``'backbone'``: one ``begin`` before block 0, one ``finish`` after the last block; between stages the
       token tensor must still hold every token (SViT: pruned tokens keep their value in place), checked at
-      every boundary. Losses, keep rates and token counts are the reducer's over all its blocks, as in
-      :class:`ViT`.
+      every boundary. The record (``last_record``) is the reducer's over all its blocks, as in :class:`ViT`.
     - ``'stage'``: ``begin`` / ``finish`` around each stage's blocks, for reducers that shrink or merge the
       token set. Tokens a stage dropped come back (with their last value, refreshed by the injector) at the
       next stage, so budgets relative to the current token count restart from all tokens at each stage.
-      A loss or stat several stages report is averaged over them (for per-block means with as many reducing
-      blocks in each stage, e.g. SViT or DynamicViT at blocks 3, 6, 9, that is the mean over all blocks);
-      token counts and maps are taken from each stage for its own blocks.
-    - ``'auto'`` (default): ``'backbone'`` for reducers known to keep the token set complete (SViT, TPC, or
-      any reducer whose ``keeps_token_set`` attribute is True), ``'stage'`` otherwise. Such a reducer is refused
-      with ``'stage'``.
+      The stages' records are merged into one (:func:`tokenprune.models.record.merge_records`): a loss or stat
+      several stages report is averaged over them (for per-block means with as many reducing blocks in each
+      stage, e.g. DynamicViT at blocks 3, 6, 9, that is the mean over all blocks); token counts and maps are
+      taken from each stage for its own blocks; MACs are summed.
+    - ``'auto'`` (default): ``'backbone'`` for reducers that declare ``keeps_token_set = True`` (e.g. SViT,
+      TPC), ``'stage'`` otherwise. Such a reducer is refused with ``'stage'``.
+
+    After each forward ``last_record`` holds the :class:`tokenprune.models.record.ReductionRecord`, built by
+    the same :func:`tokenprune.models.record.reduction_record` as :class:`ViT`'s (token counts, MACs and maps
+    only with ``record_tokens = True``; token counts cover the ViT blocks).
 
     Args:
         img_size: Pre-training image size; sets the position-embedding grid (224 -> 14 x 14).
@@ -594,7 +593,7 @@ class ViTAdapter(ViT):
     def forward_interactions(self, x: Tensor, hw: tuple[int, int], c: Tensor, shapes: Shapes) -> tuple[Tensor, Tensor]:
         """The four interactions: ViT tokens x (B, h*w, C) and adapter tokens c (B, n, C) -> both updated.
 
-        Keeps the reducer's losses, stats and (with ``record_tokens``) token counts and maps of this forward.
+        Keeps the forward's :class:`tokenprune.models.record.ReductionRecord` in ``last_record``.
         """
         ref_vit = reference_points([hw], x.device)
         ref_c = reference_points(shapes, x.device)
@@ -622,35 +621,10 @@ class ViTAdapter(ViT):
                         "use reducer_scope='stage' (or 'auto')"
                     )
             c = inter.extract(c, ref_c, x, hw, shapes)
-        self._keep_reducer_outputs(runs, x.shape[0], n_tokens, x.device)
+        self.last_record = reduction_record(
+            reducer, runs, self.depth, x.shape[0], n_tokens, x.device, self.record_tokens
+        )
         return x, c
-
-    def _keep_reducer_outputs(self, runs: list[tuple[range, object]], batch: int, n: int, device) -> None:
-        """Merge the reducer's per-run losses, stats, token counts and maps into the ``last_*`` attributes."""
-        reducer = self.reducer
-        if reducer is None:
-            if self.record_tokens:
-                self.last_token_counts = dense_token_counts(self.depth, batch, n, device)
-                self.last_extra_macs, self.last_token_maps = 0.0, {}
-            return
-        losses: dict[str, list] = {}
-        stats: dict[str, list] = {}
-        for _, state in runs:
-            for k, v in reducer.aux_losses(state).items():
-                losses.setdefault(k, []).append(v)
-            for k, v in reducer.stats(state).items():
-                stats.setdefault(k, []).append(v)
-        self.last_aux_losses = {k: mean_of(v) for k, v in losses.items()}
-        self.last_stats = {k: mean_of(v) for k, v in stats.items()}
-        if self.record_tokens:
-            counts = dense_token_counts(self.depth, batch, n, device)
-            self.last_extra_macs, self.last_token_maps = 0.0, {}
-            for blocks, state in runs:
-                run_counts = reducer.token_counts(state, self.depth).to(device)
-                counts[blocks.start : blocks.stop] = run_counts[blocks.start : blocks.stop]
-                self.last_extra_macs = self.last_extra_macs + reducer.extra_macs(state)
-                self.last_token_maps.update(reducer.token_maps(state))
-            self.last_token_counts = counts
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         raise NotImplementedError("ViTAdapter runs its ViT blocks inside the interactions: call forward()")

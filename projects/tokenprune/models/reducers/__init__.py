@@ -1,7 +1,14 @@
 """Token-reduction methods, one :class:`TokenReducer` subclass per file, built by name from a config dict.
 
+Layout: ``base.py`` (the interface and its vocabulary: ``blocks``, ``reduced_blocks``, ``keep_schedule``;
+config checks), ``toolkit.py`` (what methods share: keep counts and masks, running a block on the kept tokens,
+block halves and explicit attention, threshold calibration), ``gated.py`` (the learned-gate base: SViT, TPC),
+``gates.py`` (gate modules), ``merging.py`` (ToMe, PPT, BAT's merging machinery), ``windowed.py`` (running a
+block on the kept tokens of each window), and one file per method; a method file imports no other method file.
+
 Adding a method: write ``reducers/<method>.py`` with a ``TokenReducer`` subclass whose constructor takes
-``embed_dim`` first, and add it to ``REDUCERS``.
+``embed_dim`` first and ``blocks`` for its reduced blocks, add it to ``REDUCERS``, its config keys to the table
+in ``docs/reducers.md`` and a row to ``tests/test_reducer_contract.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ REDUCERS: dict[str, type[TokenReducer]] = {
 def build_reducer(cfg: dict | TokenReducer | None, embed_dim: int) -> TokenReducer | None:
     """``dict(type='SViT', **kwargs)`` -> the reducer for a backbone of ``embed_dim`` channels.
 
-    A reducer instance or None passes through. An unknown type or invalid settings raise :class:`ConfigError`.
+    A reducer instance or None passes through. An unknown type, invalid settings or a renamed key (the message
+    gives the new name) raise :class:`ConfigError`.
     """
     if cfg is None or isinstance(cfg, TokenReducer):
         return cfg
@@ -42,6 +50,8 @@ def build_reducer(cfg: dict | TokenReducer | None, embed_dim: int) -> TokenReduc
         )
     try:
         return REDUCERS[name](embed_dim, **kwargs)
+    except ConfigError:
+        raise  # e.g. a renamed key: the message names the new one
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid {name} reducer settings: {e}") from e
 

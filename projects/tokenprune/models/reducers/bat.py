@@ -48,15 +48,12 @@ from torch import Tensor, nn
 from .merging import (
     MergeState,
     MergingReducer,
-    attention_half,
     attention_importance,
     bipartite_soft_matching,
     check_importance,
-    keep_count,
     merge_tokens,
-    mlp_half,
 )
-from .svit import topk_mask
+from .toolkit import attention_half, keep_count, mlp_half, topk_mask
 
 DEFAULT_BLOCKS = (3, 6, 9)
 DEFAULT_KEEP_RATIO = 0.7
@@ -97,7 +94,7 @@ def bat_plan(n: int, keep_ratio: float, cluster_ratio: float) -> tuple[int, int,
     """Counts of one reducing block for n patch tokens: (K attentive, Cn clusters, Cn - 1 matched pairs), or
     None when the block would not reduce (K + 1 >= n). ``n`` may be a traced size (read as an int)."""
     n = int(n)
-    k = keep_count(keep_ratio, n)
+    k = keep_count(keep_ratio, n, min_keep=1)
     inattentive = n - k
     if inattentive <= 1:
         return None

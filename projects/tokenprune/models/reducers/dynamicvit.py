@@ -1,7 +1,7 @@
 """DynamicViT: a learned local+global predictor prunes tokens hierarchically.
 
 Rao et al., "DynamicViT: Efficient Vision Transformers with Dynamic Token Sparsification", NeurIPS 2021
-(official code: github.com/raoyongming/DynamicViT). Before each block of ``prune_blocks`` a predictor scores
+(official code: github.com/raoyongming/DynamicViT). Before each block of ``blocks`` a predictor scores
 the patch tokens that are still kept: LayerNorm -> Linear(C, C) -> GELU gives per-token features, whose first
 half (local) is concatenated with the policy-weighted mean of the second half over the kept tokens (global),
 and an MLP C -> C/2 -> C/4 -> 2 with GELUs and a log-softmax gives (keep, prune) log-probabilities.
@@ -11,9 +11,9 @@ dropped token stays dropped: hierarchical); every token still runs through the b
 pruning block on, attention uses the paper's masked softmax: ``exp(logits) * policy`` over the keys, where a
 dropped token attends only to itself, normalised with a small epsilon. The policy carries the decision's
 straight-through gradient, so the predictors learn through the attention of the kept tokens. The ratio loss
-is ``weight * mean_stages mean_images (keep fraction - ratio)^2`` (weight 2 in the paper).
+is ``weight * mean_stages mean_images (keep fraction - target)^2`` (weight 2 in the paper).
 
-Inference (as the paper): a fixed budget, the ``floor(ratio * N)`` highest-scored tokens of the N patch
+Inference (as the paper): a fixed budget, the ``floor(target * N)`` highest-scored tokens of the N patch
 tokens, the same count for every image; the dropped tokens leave the set, so the blocks really run on fewer
 tokens and a batch needs no padding.
 
@@ -30,76 +30,41 @@ and SViT's baselines were trained without it).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import TokenReducer, dense_token_counts, keep_masks_to_token_maps
-from .gates import KEEP, LocalGlobalGate
-from .svit import topk_mask, with_prefix
-
-
-def fixed_keep_count(ratio: float, n: int | Tensor, min_keep: int = 1) -> int:
-    """DynamicViT's inference budget: floor(ratio * n) tokens (at least ``min_keep``), robust to float noise.
-
-    ``n`` may be a 0-dim tensor (a size read while ``torch.jit`` traces the model): it is made an int first, so
-    ``round`` never sees a tensor."""
-    return max(min_keep, math.floor(round(ratio * int(n), 6)))
-
-
-def dynamicvit_ratio_loss(fractions: Tensor, ratios: Tensor) -> Tensor:
-    """DynamicViT's ratio loss, unweighted: mean over stages and images of (keep fraction - ratio)^2.
-
-    Args:
-        fractions: (S, B) kept fraction of each image's patch tokens after each of S stages.
-        ratios: (S,) target keep ratio per stage.
-    """
-    return ((fractions - ratios[:, None]) ** 2).mean()
-
-
-def force_min_keep(d: Tensor, scores: Tensor, min_keep: int) -> Tensor:
-    """Keep the top-``min_keep`` of ``scores`` (B, N) in the images whose decision d (B, N) in {0, 1} keeps
-    fewer; d's straight-through gradients still pass."""
-    short = d.detach().sum(dim=1, keepdim=True) < min_keep
-    force = topk_mask(scores, min_keep) & short
-    return d + (1.0 - d).detach() * force
-
+from .base import (
+    TokenReducer,
+    check_blocks,
+    check_fractions,
+    check_per_block,
+    dense_token_counts,
+    keep_masks_to_token_maps,
+    keep_rate_stats,
+)
+from .gates import KEEP, LocalGlobalGate, sample_keep
+from .toolkit import attention_half, force_min_keep, keep_count, keep_target_loss, mlp_half, with_prefix
 
 DynamicViTPredictor = LocalGlobalGate  # the predictor (PredictorLG of the official code)
 
 
-def block_with_policy(block: nn.Module, x: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
-    """Run a :class:`tokenprune.models.vit.Block` with DynamicViT's masked softmax (``softmax_with_policy``).
+def block_with_policy(block: nn.Module, x: Tensor, policy: Tensor) -> Tensor:
+    """Run a :class:`tokenprune.models.vit.Block` with DynamicViT's masked softmax (``softmax_with_policy``,
+    :func:`tokenprune.models.reducers.toolkit.attention_probs` with ``policy``).
 
     Args:
         block: The block.
         x: Tokens (B, N, C).
         policy: (B, N) keep decision in {0, 1} (may carry straight-through gradients): key j gets weight
             ``policy[j]`` in every query's softmax, except that every token always attends to itself.
-        eps: The paper's stabiliser: ``(e + eps / N) / (sum(e) + eps)``.
 
     Returns:
         The block's output (B, N, C).
     """
-    attn_mod = block.attn
-    B, N, C = x.shape
-    h = attn_mod.num_heads
-    q, k, v = attn_mod.qkv(block.norm1(x)).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
-    logits = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
-    keys = policy[:, None, None, :]
-    eye = torch.eye(N, dtype=keys.dtype, device=x.device)
-    weights = keys + (1.0 - keys) * eye
-    e = (logits - logits.amax(dim=-1, keepdim=True)).float().exp() * weights.float()
-    attn = ((e + eps / N) / (e.sum(dim=-1, keepdim=True) + eps)).to(x.dtype)
-    if block.training and attn_mod.attn_drop > 0:
-        attn = F.dropout(attn, attn_mod.attn_drop)
-    a = attn_mod.proj_drop(attn_mod.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
-    x = x + block.drop_path1(block.ls1(a))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return mlp_half(block, attention_half(block, x, attn_rows="all", policy=policy).x)
 
 
 @dataclass
@@ -140,9 +105,9 @@ class DynamicViTReducer(TokenReducer):
 
     Args:
         embed_dim: Token channels C of the backbone (even).
-        prune_blocks: Blocks before which a predictor prunes, strictly increasing (the paper: 3, 6, 9).
-        keep_ratios: Fraction of the image's patch tokens kept after each stage, in (0, 1], non-increasing
-            (the paper: 0.7, 0.49, 0.343, i.e. rho^s with rho = 0.7).
+        blocks: Blocks before which a predictor prunes, strictly increasing (the paper: 3, 6, 9).
+        keep_targets: Fraction of the image's patch tokens kept after each stage, in (0, 1], non-increasing
+            (the paper's keep ratios: 0.7, 0.49, 0.343, i.e. rho^s with rho = 0.7).
         ratio_loss_weight: Weight of the ratio loss (the paper: 2).
         keep_pruned: True: dropped tokens keep their last value in the output map (DynamicViT + keep pruned
             tokens); False: their positions are zero (the original method discards them).
@@ -150,29 +115,24 @@ class DynamicViTReducer(TokenReducer):
         min_keep: Patch tokens kept per image at least, at every stage (>= 1).
     """
 
+    renamed_keys = {"prune_blocks": "blocks", "keep_ratios": "keep_targets"}
+
     def __init__(
         self,
         embed_dim: int,
-        prune_blocks: Sequence[int] = (3, 6, 9),
-        keep_ratios: Sequence[float] = (0.7, 0.49, 0.343),
+        blocks: Sequence[int] = (3, 6, 9),
+        keep_targets: Sequence[float] = (0.7, 0.49, 0.343),
         ratio_loss_weight: float = 2.0,
         keep_pruned: bool = True,
         tau: float = 1.0,
         min_keep: int = 1,
     ) -> None:
         super().__init__()
-        prune_blocks, keep_ratios = tuple(int(b) for b in prune_blocks), tuple(float(r) for r in keep_ratios)
-        if len(keep_ratios) != len(prune_blocks):
-            raise ValueError(
-                f"keep_ratios needs one value per pruning block: {len(keep_ratios)} ratios {keep_ratios} for "
-                f"{len(prune_blocks)} blocks {prune_blocks}"
-            )
-        if any(b < 0 for b in prune_blocks) or any(a >= b for a, b in zip(prune_blocks, prune_blocks[1:])):
-            raise ValueError(f"prune_blocks must be non-negative and strictly increasing, got {prune_blocks}")
-        if not all(0.0 < r <= 1.0 for r in keep_ratios):
-            raise ValueError(f"keep_ratios must each be in (0, 1], got {keep_ratios}")
-        if any(a < b for a, b in zip(keep_ratios, keep_ratios[1:])):
-            raise ValueError(f"keep_ratios must be non-increasing (a dropped token stays dropped), got {keep_ratios}")
+        blocks, keep_targets = check_blocks(blocks), tuple(float(t) for t in keep_targets)
+        check_per_block(keep_targets, blocks, "keep_targets")
+        check_fractions(keep_targets, "keep_targets")
+        if any(a < b for a, b in zip(keep_targets, keep_targets[1:])):
+            raise ValueError(f"keep_targets must be non-increasing (a dropped token stays dropped), got {keep_targets}")
         if embed_dim % 4:
             raise ValueError(f"DynamicViT's predictor needs embed_dim divisible by 4, got {embed_dim}")
         if ratio_loss_weight < 0:
@@ -182,21 +142,22 @@ class DynamicViTReducer(TokenReducer):
         if min_keep < 1:
             raise ValueError(f"min_keep must be >= 1 (attention needs a key), got {min_keep}")
         self.embed_dim = embed_dim
-        self.prune_blocks = prune_blocks
-        self.keep_ratios = keep_ratios
+        self.blocks = blocks
+        self.keep_targets = keep_targets
         self.ratio_loss_weight = ratio_loss_weight
         self.keep_pruned = keep_pruned
         self.tau = tau
         self.min_keep = min_keep
-        self.stage_of = {block: s for s, block in enumerate(prune_blocks)}
-        self.predictors = nn.ModuleList(DynamicViTPredictor(embed_dim) for _ in prune_blocks)
+        self.stage_of = {block: s for s, block in enumerate(blocks)}
+        self.predictors = nn.ModuleList(DynamicViTPredictor(embed_dim) for _ in blocks)
 
-    def check_backbone(self, depth: int, embed_dim: int) -> None:
-        self.check_width_and_blocks(depth, embed_dim, "prune_blocks", self.prune_blocks)
+    def keep_schedule(self, depth: int | None = None, num_patches: int | None = None) -> tuple[float, ...]:
+        """The keep targets (fractions of the image's patch tokens, cumulative already)."""
+        return self.keep_targets
 
     def extra_repr(self) -> str:
         return (
-            f"prune_blocks={self.prune_blocks}, keep_ratios={self.keep_ratios}, keep_pruned={self.keep_pruned}, "
+            f"blocks={self.blocks}, keep_targets={self.keep_targets}, keep_pruned={self.keep_pruned}, "
             f"ratio_loss_weight={self.ratio_loss_weight}"
         )
 
@@ -237,22 +198,16 @@ class DynamicViTReducer(TokenReducer):
     def aux_losses(self, state: DynamicViTState) -> dict[str, Tensor]:
         if state.gathered or not state.fractions:
             return {}
-        blocks = [b for b in self.prune_blocks if b in state.fractions]  # a forward may span some stages only
+        blocks = [b for b in self.blocks if b in state.fractions]  # a forward may span some stages only
         fractions = torch.stack([state.fractions[b] for b in blocks])
-        ratios = fractions.new_tensor([self.keep_ratios[self.stage_of[b]] for b in blocks])
-        loss = dynamicvit_ratio_loss(fractions, ratios)
+        targets = fractions.new_tensor([self.keep_targets[self.stage_of[b]] for b in blocks])
+        loss = keep_target_loss(fractions, targets, "image")
         return {"loss_dynamicvit_ratio": self.ratio_loss_weight * loss}
 
     def stats(self, state: DynamicViTState) -> dict[str, float | Tensor]:
         """``keep_rate.block{i}`` (0-dim, mean over images), ``keep_rate_per_image.block{i}`` (B,), and
         ``keep_rate.mean`` over the pruning blocks; detached tensors."""
-        out: dict[str, float | Tensor] = {}
-        for block, fractions in state.fractions.items():
-            out[f"keep_rate.block{block}"] = fractions.detach().mean()
-            out[f"keep_rate_per_image.block{block}"] = fractions.detach()
-        if state.fractions:
-            out["keep_rate.mean"] = torch.stack([f.detach().mean() for f in state.fractions.values()]).mean()
-        return out
+        return keep_rate_stats(state.fractions)
 
     def token_counts(self, state: DynamicViTState, depth: int) -> Tensor:
         """All tokens in training (masking runs every token) and before the first stage; prefix + kept from
@@ -289,7 +244,7 @@ class DynamicViTReducer(TokenReducer):
     def sample_keep(self, log_p: Tensor) -> Tensor:
         """Predictor log-probabilities (B, N, 2) -> hard Gumbel-softmax keep decision (B, N) in {0, 1} with
         straight-through gradients."""
-        return F.gumbel_softmax(log_p, tau=self.tau, hard=True, dim=-1)[..., KEEP]
+        return sample_keep(log_p, self.tau)
 
     def _prune_eval(self, s: int, x: Tensor, state: DynamicViTState) -> Tensor:
         """Keep the fixed-budget top-scored current tokens; the others leave the set."""
@@ -302,7 +257,7 @@ class DynamicViTReducer(TokenReducer):
         elif self.keep_pruned:
             state.full = state.full.scatter(1, state.positions.unsqueeze(-1).expand(-1, -1, C), patch)
         M = patch.shape[1]
-        k = min(M, fixed_keep_count(self.keep_ratios[s], n, self.min_keep))
+        k = min(M, keep_count(self.keep_targets[s], n, "floor", self.min_keep))  # the official int(rate * N)
         scores = self.predictors[s](patch, patch.new_ones(B, M))[..., KEEP]
         state.predicted += M
         top = scores.topk(k, dim=1).indices.sort(dim=1).values
@@ -313,6 +268,6 @@ class DynamicViTReducer(TokenReducer):
         return torch.cat([x[:, :P], patch.gather(1, top.unsqueeze(-1).expand(-1, -1, C))], dim=1)
 
     def _record(self, s: int, d: Tensor, mask: Tensor, state: DynamicViTState) -> None:
-        block = self.prune_blocks[s]
+        block = self.blocks[s]
         state.fractions[block] = d.mean(dim=1)
         state.masks[block] = mask

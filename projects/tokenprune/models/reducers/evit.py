@@ -3,9 +3,9 @@
 Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers via Token Reorganizations",
 ICLR 2022 (official code: github.com/youweiliang/evit). Training-free here: no parameters.
 
-At each block of ``reduce_blocks``, between its attention and its MLP (as the paper): the patch tokens of the
+At each block of ``blocks``, between its attention and its MLP (as the paper): the patch tokens of the
 current set (a fused token of an earlier step included) are scored by the attention of that block, the top
-``ceil(keep_rate * M)`` of the M current tokens are kept, and the others are fused into one token, their
+``ceil(keep_ratio * M)`` of the M current tokens are kept, and the others are fused into one token, their
 attention-weighted average, appended after the kept ones. The MLP of that block and all later blocks run on
 the smaller set. Every image of a batch keeps the same number of tokens, so the set really shrinks: no
 padding, no masking, in training and inference alike.
@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import PRUNED, TokenReducer
-from .merging import attention_half, mlp_half
-from .svit import keep_count
+from .base import PRUNED, TokenReducer, check_blocks, check_fractions, check_per_block, cumulative, keep_rate_stats
+from .toolkit import attention_half, keep_count, mlp_half
 
 SCORES = ("cls", "mean_attention")
 FUSIONS = ("mean", "sum", "none")
@@ -80,10 +79,10 @@ class EViTReducer(TokenReducer):
 
     Args:
         embed_dim: Token channels C of the backbone.
-        reduce_blocks: Blocks that reduce the token set between their attention and MLP, strictly increasing
+        blocks: Blocks that reduce the token set between their attention and MLP, strictly increasing
             (the paper's DeiT setting: 3, 6, 9).
-        keep_rate: Fraction of the current patch-part tokens kept at each reducing block, in (0, 1]; one
-            number for all, or one per reducing block. The paper's main setting is 0.7.
+        keep_ratio: Fraction of the current patch-part tokens kept at each reducing block, in (0, 1] (the
+            paper's keep rate); one number for all, or one per reducing block. The paper's main setting is 0.7.
         score: ``'cls'`` (class-token attention, the paper's; needs ``cls_token=True``) or
             ``'mean_attention'`` (attention received, averaged over heads and queries; CLS-free).
         fuse: How the inattentive tokens become one: ``'mean'`` (attention-weighted average, the paper's
@@ -94,29 +93,24 @@ class EViTReducer(TokenReducer):
         min_keep: Tokens kept at least at every reducing block (>= 1).
     """
 
+    renamed_keys = {"reduce_blocks": "blocks", "keep_rate": "keep_ratio"}
+
     def __init__(
         self,
         embed_dim: int,
-        reduce_blocks: Sequence[int] = (3, 6, 9),
-        keep_rate: float | Sequence[float] = 0.7,
+        blocks: Sequence[int] = (3, 6, 9),
+        keep_ratio: float | Sequence[float] = 0.7,
         score: str = "cls",
         fuse: str = "mean",
         restore: str = "fused",
         min_keep: int = 1,
     ) -> None:
         super().__init__()
-        reduce_blocks = tuple(int(b) for b in reduce_blocks)
-        rates = (keep_rate,) * len(reduce_blocks) if isinstance(keep_rate, (int, float)) else tuple(keep_rate)
-        rates = tuple(float(r) for r in rates)
-        if any(b < 0 for b in reduce_blocks) or any(a >= b for a, b in zip(reduce_blocks, reduce_blocks[1:])):
-            raise ValueError(f"reduce_blocks must be non-negative and strictly increasing, got {reduce_blocks}")
-        if len(rates) != len(reduce_blocks):
-            raise ValueError(
-                f"keep_rate needs one value per reducing block (or one number): {len(rates)} values {rates} "
-                f"for {len(reduce_blocks)} blocks {reduce_blocks}"
-            )
-        if not all(0.0 < r <= 1.0 for r in rates):
-            raise ValueError(f"keep_rate must be in (0, 1], got {rates}")
+        blocks = check_blocks(blocks)
+        single = isinstance(keep_ratio, (int, float))
+        ratios = (keep_ratio,) * len(blocks) if single else tuple(keep_ratio)
+        check_per_block(ratios, blocks, "keep_ratio", single_ok=True)
+        ratios = check_fractions(ratios, "keep_ratio")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if fuse not in FUSIONS:
@@ -128,20 +122,21 @@ class EViTReducer(TokenReducer):
         if min_keep < 1:
             raise ValueError(f"min_keep must be >= 1 (attention needs a key), got {min_keep}")
         self.embed_dim = embed_dim
-        self.reduce_blocks = reduce_blocks
-        self.keep_rates = rates
+        self.blocks = blocks
+        self.keep_ratio = float(keep_ratio) if single else ratios
         self.score = score
         self.fuse = fuse
         self.restore = restore
         self.min_keep = min_keep
-        self.rate_of = dict(zip(reduce_blocks, rates))
+        self.ratio_of = dict(zip(blocks, ratios))
 
-    def check_backbone(self, depth: int, embed_dim: int) -> None:
-        self.check_width_and_blocks(depth, embed_dim, "reduce_blocks", self.reduce_blocks)
+    def keep_schedule(self, depth: int | None = None, num_patches: int | None = None) -> tuple[float, ...]:
+        """The running product of the keep ratios (the fused token not counted)."""
+        return cumulative(self.ratio_of[b] for b in self.blocks)
 
     def extra_repr(self) -> str:
         return (
-            f"reduce_blocks={self.reduce_blocks}, keep_rates={self.keep_rates}, score={self.score!r}, "
+            f"blocks={self.blocks}, keep_ratio={self.keep_ratio}, score={self.score!r}, "
             f"fuse={self.fuse!r}, restore={self.restore!r}"
         )
 
@@ -160,11 +155,11 @@ class EViTReducer(TokenReducer):
 
     def run_block(self, index: int, block: nn.Module, x: Tensor, state: EViTState) -> Tensor:
         state.counts[index] = x.shape[1]
-        rate = self.rate_of.get(index)
-        if rate is None:
+        ratio = self.ratio_of.get(index)
+        if ratio is None:
             return block(x)
         P, M = state.num_prefix, x.shape[1] - state.num_prefix
-        k = min(M, max(self.min_keep, keep_count(rate, M)))
+        k = keep_count(ratio, M, min_keep=self.min_keep)
         if k == M:
             self._record(index, state)
             return block(x)
@@ -186,18 +181,14 @@ class EViTReducer(TokenReducer):
     def stats(self, state: EViTState) -> dict[str, float | Tensor]:
         """``keep_rate.block{i}`` (0-dim, mean over images; tokens after the reduction / h*w, the fused token
         counted), ``keep_rate_per_image.block{i}`` (B,) and ``keep_rate.mean`` over the reducing blocks."""
-        out: dict[str, float | Tensor] = {}
-        for block, fractions in state.fractions.items():
-            out[f"keep_rate.block{block}"] = fractions.mean()
-            out[f"keep_rate_per_image.block{block}"] = fractions
-        if state.fractions:
-            out["keep_rate.mean"] = torch.stack([f.mean() for f in state.fractions.values()]).mean()
-        return out
+        return keep_rate_stats(state.fractions)
 
     def token_counts(self, state: EViTState, depth: int) -> Tensor:
         """Tokens of each block's input. A reducing block runs its MLP on fewer tokens than its attention;
-        it is counted at its input, so the MACs of the reducing blocks' MLPs are overestimated."""
-        counts = torch.tensor([float(state.counts[i]) for i in range(depth)], device=state.owner.device)
+        it is counted at its input, so the MACs of the reducing blocks' MLPs are overestimated. Blocks this
+        forward did not run (another stage of ViT-Adapter) are counted with every token."""
+        full = state.num_prefix + state.hw[0] * state.hw[1]
+        counts = torch.tensor([float(state.counts.get(i, full)) for i in range(depth)], device=state.owner.device)
         return counts[:, None].expand(depth, state.batch).clone()
 
     def extra_macs(self, state: EViTState) -> float:

@@ -6,7 +6,8 @@ log-probabilities (B, N, 2), class 0 = keep.
   of its official code), which adds the mean feature of the tokens still kept.
 
 Both take ``(x, policy)``; :class:`MLPGate` ignores the policy. Parameter names are those of the official
-codes' modules, so converted weights load as they are.
+codes' modules, so converted weights load as they are. :func:`sample_keep` draws the training decision from
+their log-probabilities.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ class LocalGlobalGate(nn.Module):
     def macs_per_token(self) -> int:
         """Multiply-accumulates of the linear layers for one token."""
         return linear_macs(self)
+
+
+def sample_keep(log_p: Tensor, tau: float = 1.0) -> Tensor:
+    """Gate log-probabilities (B, N, 2) -> hard Gumbel-softmax keep decision (B, N) in {0, 1}, with
+    straight-through gradients (the training decision of SViT and DynamicViT)."""
+    return F.gumbel_softmax(log_p, tau=tau, hard=True, dim=-1)[..., KEEP]
 
 
 def linear_macs(module: nn.Module) -> int:

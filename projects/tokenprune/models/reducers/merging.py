@@ -1,9 +1,9 @@
 """Machinery the merging reducers (ToMe, PPT, BAT) share: split blocks, bipartite soft matching, weighted
 merges with source tracking, and exact restoration of the full token map.
 
-All three reduce *inside* a block, between attention and MLP, as their papers do: :func:`attention_half`
-runs ``x + attn(norm1(x))`` (returning keys, values and, when asked, the attention probabilities) and
-:func:`mlp_half` the rest, so ``mlp_half(block, attention_half(block, x, m).x) == block(x, m)``.
+All three reduce *inside* a block, between attention and MLP, as their papers do, with the block halves of
+:mod:`tokenprune.models.reducers.toolkit` (``attention_half`` returns keys, values and, when asked, the
+attention probabilities; ``mlp_half`` runs the rest).
 
 A reduction step is an *assignment*: every current token j of an image goes to output token ``assign[j]``
 (several tokens to one output: merged, as a weighted average) or is dropped (``-1``: pruned). Assignments
@@ -26,90 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import PRUNED, TokenReducer, dense_token_counts
+from .base import (
+    PRUNED,
+    TokenReducer,
+    check_blocks,
+    check_fractions,
+    check_per_block,
+    cumulative,
+    dense_token_counts,
+    keep_rate_stats,
+)
+from .toolkit import keep_count
 
-
-def keep_count(ratio: float, n: int) -> int:
-    """Tokens kept of ``n`` at keep ratio ``ratio``: ceil(ratio * n), at least 1 when n >= 1, robust to float
-    noise such as 0.7 * 10 = 7.000000000000001. ``n`` may be a traced size (a 0-dim tensor under jit tracing,
-    as MMDetection's get_flops.py runs the model): it is read as an int."""
-    n = int(n)
-    return min(n, max(1 if n else 0, math.ceil(round(ratio * n, 6))))
-
-
-# ---------------------------------------------------------------------------------------------- split blocks
-
-
-@dataclass
-class HalfBlock:
-    """A block run up to the end of its attention residual.
-
-    Attributes:
-        x: Tokens after ``x + attn(norm1(x))``, before the MLP, (B, M, C).
-        k: Keys (B, heads, M, C / heads).
-        v: Values (B, heads, M, C / heads).
-        attn: Attention probabilities (B, heads, M, M) (rows: queries), or only the first row's
-            (B, heads, 1, M), when asked for; else None.
-    """
-
-    x: Tensor
-    k: Tensor
-    v: Tensor
-    attn: Tensor | None = None
-
-
-def attention_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> Tensor:
-    """Softmax attention probabilities (B, heads, Mq, M) of queries q (B, heads, Mq, d) over keys k, with
-    scaled_dot_product_attention's mask convention (rows of the mask beyond Mq are not read)."""
-    logits = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
-    if attn_mask is not None:
-        if attn_mask.dim() >= 2 and attn_mask.shape[-2] > q.shape[-2]:
-            attn_mask = attn_mask[..., : q.shape[-2], :]
-        if attn_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
-        else:
-            logits = logits + attn_mask
-    return logits.softmax(dim=-1)
-
-
-def attention_half(
-    block: nn.Module, x: Tensor, attn_mask: Tensor | None = None, attn_rows: str | None = None
-) -> HalfBlock:
-    """The attention half of a :class:`tokenprune.models.vit.Block` on tokens x (B, M, C).
-
-    Args:
-        block: The block.
-        x: Tokens (B, M, C).
-        attn_mask: As scaled_dot_product_attention's: None, bool (True = may attend) or additive float,
-            broadcastable to (B, heads, M, M).
-        attn_rows: Which attention probabilities to return: None (none; the fused kernel runs), ``'first'``
-            (the first query's, (B, heads, 1, M), e.g. a class token's: the fused kernel runs and that row is
-            computed beside it) or ``'all'`` ((B, heads, M, M): attention is computed explicitly, with the same
-            MACs as the fused kernel but the M x M probabilities in memory).
-    """
-    if attn_rows not in (None, "first", "all"):
-        raise ValueError(f"attn_rows must be None, 'first' or 'all', got {attn_rows!r}")
-    mod = block.attn
-    B, M, C = x.shape
-    h = mod.num_heads
-    q, k, v = mod.qkv(block.norm1(x)).reshape(B, M, 3, h, C // h).permute(2, 0, 3, 1, 4)
-    drop = mod.attn_drop if block.training else 0.0
-    attn = None
-    if attn_rows == "all":
-        attn = attention_probs(q, k, attn_mask)
-        o = (F.dropout(attn, drop) if drop > 0 else attn) @ v
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
-        if attn_rows == "first":
-            attn = attention_probs(q[:, :, :1], k, attn_mask)
-    o = mod.proj_drop(mod.proj(o.transpose(1, 2).reshape(B, M, C)))
-    return HalfBlock(x=x + block.drop_path1(block.ls1(o)), k=k, v=v, attn=attn)
-
-
-def mlp_half(block: nn.Module, x: Tensor) -> Tensor:
-    """The MLP half of a block: x + mlp(norm2(x)), (B, M, C) -> (B, M, C); per token, so it also runs on any
-    set of tokens, e.g. (1, T, C) gathered from several images."""
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+# ---------------------------------------------------------------------------------------- attention importance
 
 
 IMPORTANCE = ("cls", "mean")  # the choices of attention_importance
@@ -428,9 +357,7 @@ class MergingReducer(TokenReducer):
     ) -> None:
         super().__init__()
         if blocks is not None:
-            blocks = tuple(int(b) for b in blocks)
-            if not blocks or any(b < 0 for b in blocks) or any(a >= b for a, b in zip(blocks, blocks[1:])):
-                raise ValueError(f"blocks must be non-empty, non-negative and strictly increasing, got {blocks}")
+            blocks = check_blocks(blocks, non_empty=True)
         if keep_ratio is not None and r is not None:
             raise ValueError(
                 "give either keep_ratio (fractions, for dense prediction) or r (absolute counts), not both"
@@ -443,8 +370,9 @@ class MergingReducer(TokenReducer):
             keep_ratio = default_keep_ratio
         if keep_ratio is not None:
             ratios = (keep_ratio,) if isinstance(keep_ratio, (int, float)) else tuple(keep_ratio)
-            if not ratios or not all(isinstance(k, (int, float)) and 0.0 < k <= 1.0 for k in ratios):
-                raise ValueError(f"keep_ratio must be in (0, 1] (1.0 = no reduction), got {keep_ratio}")
+            if not ratios:
+                raise ValueError("keep_ratio must not be empty")
+            check_fractions(ratios, "keep_ratio")
         self.embed_dim = embed_dim
         self.blocks = blocks
         self.keep_ratio = (
@@ -453,22 +381,30 @@ class MergingReducer(TokenReducer):
         self.r = r if r is None or isinstance(r, int) else tuple(r)
         self.prop_attn = prop_attn
         if blocks is not None:  # else checked against the backbone's depth
-            self._check_budget_length(len(blocks))
+            self._check_budget_length(blocks)
 
-    def _check_budget_length(self, num_blocks: int) -> None:
+    def _check_budget_length(self, blocks: tuple[int, ...]) -> None:
         for name, value in (("keep_ratio", self.keep_ratio), ("r", self.r)):
-            if isinstance(value, tuple) and len(value) != num_blocks:
-                raise ValueError(
-                    f"{name} needs one value per reducing block or a single value: got {len(value)} values "
-                    f"{value} for {num_blocks} reducing blocks ({self.blocks if self.blocks else 'all blocks'})"
-                )
+            if isinstance(value, tuple):
+                check_per_block(value, blocks, name, single_ok=True)
 
     def check_backbone(self, depth: int, embed_dim: int) -> None:
-        self.check_width_and_blocks(depth, embed_dim, f"{type(self).__name__} blocks", self.blocks)
-        self._check_budget_length(len(self.reducing_blocks(depth)))
+        super().check_backbone(depth, embed_dim)
+        self._check_budget_length(self.reduced_blocks(depth))
 
-    def reducing_blocks(self, depth: int) -> tuple[int, ...]:
-        return tuple(range(depth)) if self.blocks is None else self.blocks
+    def keep_schedule(self, depth: int | None = None, num_patches: int | None = None) -> tuple[float, ...]:
+        """The running product of the keep ratios; with ``r`` (counts), the fraction of ``num_patches`` left after
+        removing the counts (each capped at half, as a block does)."""
+        blocks = self.reduced_blocks(depth)
+        if self.r is None:
+            return cumulative(self.budget(b)[1] for b in blocks)
+        if num_patches is None:
+            raise ValueError(f"{type(self).__name__} removes r tokens per block: keep_schedule() needs num_patches")
+        out, n = [], int(num_patches)
+        for b in blocks:
+            n -= min(int(self.budget(b)[1]), n // 2)
+            out.append(n / num_patches)
+        return tuple(out)
 
     def is_reducing(self, index: int) -> bool:
         return self.blocks is None or index in self.blocks
@@ -486,7 +422,7 @@ class MergingReducer(TokenReducer):
         kind, value = self.budget(index)
         if kind == "r":
             return min(int(value), n // 2)
-        return n - keep_count(value, n)
+        return n - keep_count(value, n, min_keep=1)
 
     def extra_repr(self) -> str:
         budget = f"r={self.r}" if self.r is not None else f"keep_ratio={self.keep_ratio}"
@@ -522,15 +458,12 @@ class MergingReducer(TokenReducer):
         """Per reducing block i, ``keep_rate.block{i}`` (0-dim): the patch tokens it hands on (after its
         reduction; what its MLP ran) over the image's patch tokens, as its token map counts them;
         ``keep_rate_per_image.block{i}`` (B,); and ``keep_rate.mean`` over the reducing blocks."""
-        out: dict[str, float | Tensor] = {}
         device, n = state.source.device, state.num_patches
-        for block, count in sorted(state.handed_on.items()):
-            rate = torch.full((state.batch,), (count - state.num_prefix) / n, device=device)
-            out[f"keep_rate.block{block}"] = rate.mean()
-            out[f"keep_rate_per_image.block{block}"] = rate
-        if state.handed_on:
-            out["keep_rate.mean"] = torch.stack([out[f"keep_rate.block{b}"] for b in state.handed_on]).mean()
-        return out
+        fractions = {
+            block: torch.full((state.batch,), (count - state.num_prefix) / n, device=device)
+            for block, count in sorted(state.handed_on.items())
+        }
+        return keep_rate_stats(fractions)
 
     def token_counts(self, state: MergeState, depth: int) -> Tensor:
         """The tokens each block received: a reducing block counts all of them (its MLP ran on fewer, so FLOPs

@@ -39,13 +39,12 @@ from torch import Tensor, nn
 from .merging import (
     MergeState,
     MergingReducer,
-    attention_half,
     attention_importance,
     bipartite_merge_rounds,
     check_importance,
     merge_tokens,
-    mlp_half,
 )
+from .toolkit import attention_half, mlp_half
 
 DEFAULT_BLOCKS = (3, 6, 9)
 DEFAULT_KEEP_RATIO = (146 / 196, 96 / 146, 48 / 96)

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .merging import MergeState, MergingReducer, attention_half, bipartite_merge_rounds, merge_tokens, mlp_half
+from .merging import MergeState, MergingReducer, bipartite_merge_rounds, merge_tokens
+from .toolkit import attention_half, mlp_half
 
 #: keep ratio per block by default: 0.875 ** 12 = 0.2 of the tokens after 12 blocks, the final count of ToMe's
 #: DeiT-S setting r = 13 at 224 x 224 (196 -> 40 patch tokens)
