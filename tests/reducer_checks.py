@@ -1,5 +1,6 @@
-"""Checks the reducers' tests share (ToMe, PPT, BAT, EViT, DynamicViT, TPC): tiny ViTs, images, dense twins,
-and the dense-safe properties every reducer must show. A helper module, not collected by pytest."""
+"""Checks the reducers' tests share (tests/test_reducer_contract.py and the method tests): tiny ViTs, images,
+dense twins, hard inputs, and the dense-safe properties every reducer must show. A helper module, not collected
+by pytest."""
 
 from __future__ import annotations
 
@@ -122,25 +123,91 @@ def assert_matches_dense(model: ViT, x: torch.Tensor, atol: float = 1e-5) -> Non
     assert (got - want).abs().max().item() < atol
 
 
-def assert_extreme_budget_is_safe(model: ViT, keep_ratio: float) -> None:
-    """No NaN and never an empty token set, in inference and in training (gradients finite too), on images
-    that include a constant one (all tokens alike)."""
+def assert_valid_token_maps(
+    maps: dict[int, torch.Tensor], batch: int, num_patches: int, blocks: tuple[int, ...]
+) -> None:
+    """Token maps as :meth:`TokenReducer.token_maps` promises: reduced blocks only, (B, h*w) long ids, each
+    ``PRUNED`` or a patch position that carries its own id, and at least one carried position per image."""
+    assert set(maps) <= set(blocks), (sorted(maps), blocks)
+    for ids in maps.values():
+        assert ids.shape == (batch, num_patches) and ids.dtype == torch.long
+        assert ((ids == PRUNED) | ((ids >= 0) & (ids < num_patches))).all()
+        alive = ids != PRUNED
+        assert (alive.sum(dim=1) >= 1).all()
+        assert (ids.clamp(min=0).gather(1, ids.clamp(min=0)) == ids.clamp(min=0))[alive].all()
+
+
+def assert_extreme_budget_is_safe(model: ViT, keep: float) -> None:
+    """No NaN or inf and never an empty token set at an extreme budget, in inference and in training (losses and
+    gradients finite too), on images that include a constant one (all tokens alike); valid token maps; at
+    inference every block runs every token at ``keep`` 1.0, some block fewer below it."""
     model.record_tokens = True
     x = torch.cat([images(2), torch.zeros(1, 3, *IMG)])
-    P = model.num_prefix_tokens
+    P, n = model.num_prefix_tokens, IMG[0] * IMG[1] // 256
+    blocks = model.reducer.reduced_blocks(model.depth)
     for training in (False, True):
         model.train(training)
         model.zero_grad()
         out = model(x)
+        record = model.last_record
         assert torch.isfinite(out).all()
-        assert (model.last_record.token_counts >= P + 1).all()
-        for ids in model.last_record.token_maps.values():
-            assert ((ids != PRUNED).sum(dim=1) >= 1).all()
+        assert all(torch.isfinite(loss).all() for loss in record.aux_losses.values())
+        assert (record.token_counts >= P + 1).all()
+        assert_valid_token_maps(record.token_maps, len(x), n, blocks)
         if training:
-            out.square().mean().backward()
+            (out.square().mean() + sum(record.aux_losses.values())).backward()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             assert grads and all(torch.isfinite(g).all() for g in grads)
-    if keep_ratio == 1.0:
-        assert (model.last_record.token_counts == P + IMG[0] * IMG[1] // 256).all()
-    else:
-        assert model.last_record.token_counts.min() < P + IMG[0] * IMG[1] // 256
+        elif keep == 1.0:
+            assert (record.token_counts == P + n).all()
+        else:
+            assert record.token_counts.min() < P + n
+
+
+def hard_inputs() -> dict[str, tuple[torch.Tensor, bool]]:
+    """Inputs that break careless numerics, by name: (images, whether the tokens are made identical and zero by
+    :func:`identical_zero_tokens`)."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    return {
+        "black": (torch.zeros(2, 3, 64, 64), False),
+        "constant": (torch.full((2, 3, 64, 64), 0.5), False),
+        "black_identical_zero_tokens": (torch.zeros(2, 3, 64, 64), True),
+        "one_token": (randn(2, 3, 16, 16), False),
+        "one_token_row": (randn(2, 3, 16, 128), False),
+        "one_token_column": (randn(2, 3, 128, 16), False),
+        "very_wide_16x1024": (randn(1, 3, 16, 1024), False),
+        "not_divisible_37x53": (randn(2, 3, 37, 53), False),
+        "huge_values": (randn(2, 3, 64, 64) * 1e4, False),
+    }
+
+
+HARD_INPUTS = hard_inputs()
+
+
+def identical_zero_tokens(model: ViT) -> None:
+    """Make a black image embed to identical all-zero tokens: every key is the zero vector, every similarity
+    0/0 unless a method guards it."""
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        model.patch_embed.proj.bias.zero_()
+
+
+def assert_finite(model: ViT, x: torch.Tensor, training: bool) -> None:
+    """The backbone's map of images x has the dense shape and no NaN or inf, nor have its auxiliary losses; in
+    training, nor has any gradient of the map's square mean plus the losses."""
+    model.train(training)
+    out = model(x)
+    h, w = -(-x.shape[-2] // 16), -(-x.shape[-1] // 16)
+    assert out.shape == (x.shape[0], model.embed_dim, h, w)
+    assert torch.isfinite(out).all(), "NaN/inf in the backbone output"
+    for name, loss in model.last_record.aux_losses.items():
+        assert torch.isfinite(loss).all(), f"NaN/inf in {name}"
+    if training:
+        total = out.float().square().mean() + sum(model.last_record.aux_losses.values())
+        total.backward()
+        for pname, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), f"NaN/inf gradient of {pname}"

@@ -7,7 +7,6 @@ from reducer_checks import (
     DIM,
     IMG,
     assert_batch_equals_singles,
-    assert_extreme_budget_is_safe,
     assert_restored_from_tokens,
     assert_shapes_match_dense,
     assert_zero_budget_is_dense,
@@ -76,12 +75,6 @@ def test_clustered_positions_keep_their_value_from_before_the_cluster(cls_token)
 @pytest.mark.parametrize("training", [False, True])
 def test_batch_equals_one_at_a_time(training):
     assert_batch_equals_singles(make_model(cls_token=False).train(training), images(3))
-
-
-@pytest.mark.parametrize("keep_ratio", [0.05, 1.0])
-@pytest.mark.parametrize("cls_token", [True, False])
-def test_extreme_budgets(keep_ratio, cls_token):
-    assert_extreme_budget_is_safe(make_model(cls_token, keep_ratio=keep_ratio), keep_ratio)
 
 
 def test_deit_s_224_follows_evits_schedule():

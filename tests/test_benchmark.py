@@ -16,11 +16,18 @@ sys.path.insert(0, str(ROOT / "tools/analysis_tools"))
 import benchmark  # noqa: E402  (the command line: tools/analysis_tools/benchmark.py)
 import get_flops  # noqa: E402
 
+from tokenprune import benchmarking as bench  # noqa: E402
 from tokenprune.mmdet_plugin import benchmarking as det_bench  # noqa: E402
-from tokenprune.models.reducers import REDUCERS  # noqa: E402
+from tokenprune.models.flops import backbone_macs, macs_from_counts, window_token_counts  # noqa: E402
+from tokenprune.models.reducers import REDUCERS, build_reducer  # noqa: E402
+from tokenprune.models.vit import vitdet_base  # noqa: E402
 
 SVIT_TINY = 'svit=SViT:{"blocks": [1, 2, 3], "keep_targets": [0.7, 0.5, 0.3], "inference": "fixed"}'
 TINY_BACKBONE = ["--arch", "deit-t", "--depth", "4", "--size", "64", "64", "--threads", "1"]
+# the windowed ViT-T at 256 x 256: a 16 x 16 token grid, four 14 x 14 windows (three of them reaching into the
+# padding), so per-window token counts differ from window to window
+TINY_WINDOWED = ["--arch", "vitdet-t", "--size", "256", "256", "--threads", "1"]
+ON_GRID = [name for name, cls in REDUCERS.items() if cls.runs_on_grid]
 SHAPES_CFG = ROOT / "configs/dense/mask-rcnn_vit-t_simplefpn_shapes.py"
 SVIT_CFG = ROOT / "configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py"
 
@@ -83,6 +90,77 @@ def test_every_registered_reducer_runs_with_its_defaults():
         assert all(0 < k <= 1 for k in m["keep_rate"]), label
         if label != "dense":
             assert m["flop_bound"] > 1.0, label
+
+
+def test_windowed_archs_are_vitdet_at_three_widths():
+    """vitdet-b is ViTDet-B as vit.py builds it (same tensors, windows, global blocks); -s and -t are its narrower
+    versions; fewer blocks keep the global blocks that remain; a class token is refused."""
+    parser = benchmark.build_parser()
+    for arch, (dim, heads) in bench.WINDOWED_ARCHS.items():
+        vit = bench.build_backbone(parser.parse_args(["backbone", "--arch", arch]))
+        assert (vit.embed_dim, vit.num_heads, vit.depth, vit.window_size) == (dim, heads, 12, 14)
+        assert vit.window_block_indexes == (0, 1, 3, 4, 6, 7, 9, 10) and vit.use_rel_pos
+        assert vit.num_prefix_tokens == 0 and vit.pos_embed_hw == (14, 14) and vit.rel_pos_input_size == (64, 64)
+        if arch == "vitdet-b":
+            reference = {k: v.shape for k, v in vitdet_base().state_dict().items()}
+            assert {k: v.shape for k, v in vit.state_dict().items()} == reference
+    short = bench.build_backbone(parser.parse_args(["backbone", "--arch", "vitdet-t", "--depth", "4"]))
+    assert short.window_block_indexes == (0, 1, 3)
+    with pytest.raises(ValueError, match="no class token"):
+        bench.build_backbone(parser.parse_args(["backbone", "--arch", "vitdet-t", "--cls-token"]))
+
+
+def test_all_on_a_windowed_backbone_skips_the_refused_reducers_with_the_reason(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    benchmark.main(["backbone", *TINY_WINDOWED, "--batch", "1", "--runs", "1", "--warmup", "0", "--json-out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["settings"]["window_size"] == 14 and result["settings"]["use_rel_pos"]
+    assert "SViT" in ON_GRID
+    assert [m["label"] for m in result["models"]] == ["dense", *ON_GRID]
+    assert result["models"][1]["settings"] == {"inference": "fixed"}  # SViT at its fixed budget
+    refused = [name for name in REDUCERS if name not in ON_GRID]
+    assert [s["label"] for s in result["skipped"]] == refused
+    vit = vitdet_base(embed_dim=192, num_heads=3)
+    for entry in result["skipped"]:
+        with pytest.raises(ValueError) as refusal:
+            vit.set_reducer(build_reducer({"type": entry["label"]}, 192))
+        assert entry["reason"] == str(refusal.value) and "window" in entry["reason"]
+    printed = capsys.readouterr().out
+    assert all(f"skipped {name} (from 'all'): " in printed for name in refused)
+    models = result["results"][0]["models"]
+    assert list(models) == ["dense", *ON_GRID] and models["SViT"]["flop_bound"] > 1.0
+
+
+def test_windowed_flop_bound_counts_the_tokens_of_each_window():
+    """SViT's FLOP bound on the windowed ViT-T is backbone_macs' dense / pruned ratio computed here directly,
+    with the windowed blocks counted from the kept tokens of each window (which differ from window to window),
+    not as dense windows; get_flops.py gives the same."""
+    svit = 'svit=SViT:{"inference": "fixed"}'
+    argv = ["backbone", *TINY_WINDOWED, "--batch", "2", "--reducer", "none", svit]
+    result = benchmark.main([*argv, "--runs", "1", "--warmup", "0"])
+    bound = result["results"][0]["models"]["svit"]["flop_bound"]
+
+    args = benchmark.build_parser().parse_args(argv)
+    setup = bench.setup_backbone_models(args, torch.device("cpu"))
+    vit = setup.backbone
+    images = bench.backbone_batches(args, 2, torch.device("cpu"))[0]
+    vit.record_tokens = True
+    macs = {}
+    for label, reducer in setup.reducers.items():
+        vit.set_reducer(reducer)
+        with torch.inference_mode():
+            vit(images)
+        macs[label] = backbone_macs(vit, (256, 256))
+    record = vit.last_record  # SViT's
+    windows = window_token_counts(vit, record.token_counts, record.token_maps, (256, 256))
+    gated_windowed = [i for i in setup.reducers["svit"].blocks if i in vit.window_block_indexes]
+    assert sorted(windows) == gated_windowed
+    assert all(w.shape == (2, 4) and len(set(w.flatten().tolist())) > 1 for w in windows.values())
+    assert bound == pytest.approx(macs["dense"].total.mean().item() / macs["svit"].total.mean().item(), rel=1e-9)
+    as_dense_windows = macs_from_counts(vit, record.token_counts, (256, 256), record.extra_macs)
+    assert as_dense_windows.total.mean().item() > macs["svit"].total.mean().item() * 1.05
+    flops = get_flops.main([*argv, "--batch", "2"])
+    assert flops["results"][0]["models"]["svit"]["flop_bound"] == pytest.approx(bound, rel=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -241,6 +319,26 @@ def test_backbone_on_real_images_with_checkpoint(tmp_path):
     assert result["results"][0]["models"]["svit"]["keep_rate"] == [1.0] * 4
 
 
+def test_windowed_backbone_loads_a_vitdet_checkpoint_with_its_reducer(tmp_path):
+    """--checkpoint on a windowed arch: ViTDet's loader for the backbone (here an MMDetection layout, the neck
+    reported as dropped) and the reducer's tensors."""
+    from tokenprune.models import SViTReducer
+
+    reducer = SViTReducer(192, blocks=(1, 2, 3), keep_targets=(0.7, 0.5, 0.3))
+    vit = vitdet_base(embed_dim=192, num_heads=3, depth=4, global_block_indexes=(2,), reducer=reducer)
+    state = {f"backbone.{k}": v for k, v in vit.state_dict().items()}
+    torch.save({"state_dict": {**state, "neck.conv.weight": torch.zeros(1)}}, tmp_path / "vitdet.pth")
+    threshold = 'svit=SViT:{"blocks": [1, 2, 3], "keep_targets": [0.7, 0.5, 0.3]}'
+    result = get_flops.main(
+        ["backbone", "--arch", "vitdet-t", "--depth", "4", "--size", "64", "64", "--threads", "1"]
+        + ["--checkpoint", str(tmp_path / "vitdet.pth"), "--reducer", "none", threshold]
+    )
+    backbone_line, reducer_line = result["notes"]
+    backbone_tensors = [k for k in vit.state_dict() if not k.startswith("reducer.")]
+    assert f"loaded {len(backbone_tensors)} tensors" in backbone_line and "neck.conv.weight" in backbone_line
+    assert reducer_line == f"svit: {len(reducer.state_dict())} reducer tensors from the checkpoint"
+
+
 def test_svit_gate_cost_replays_the_gates_without_computing_them(tmp_path):
     import svit_gate_cost
 
@@ -280,7 +378,8 @@ def test_gpu_benchmark_script_on_cpu_without_mmdetection(tmp_path):
         "for m in ('mmdet', 'mmengine', 'mmcv'): sys.modules[m] = None\n"
         "sys.argv = ['gpu_benchmark.py', '--device', 'cpu', '--arch', 'deit-t', '--depth', '4', '--sizes', "
         f"'64x64', '32x48', '--batches', '1', '2', '--amp', 'none', 'bf16', '--runs', '1', '--warmup', '0', "
-        f"'--models', 'none', {SVIT_TINY!r}, 'ToMe', '--out-dir', {str(out)!r}]\n"
+        f"'--models', 'none', {SVIT_TINY!r}, 'ToMe', '--windowed-arch', 'vitdet-t', '--windowed-sizes', '64x64', "
+        f"'--windowed-batches', '1', '--windowed-models', 'none', {SVIT_TINY!r}, '--out-dir', {str(out)!r}]\n"
         "try:\n"
         "    runpy.run_path('tools/analysis_tools/gpu_benchmark.py', run_name='__main__')\n"
         "except SystemExit as e:\n"
@@ -290,14 +389,24 @@ def test_gpu_benchmark_script_on_cpu_without_mmdetection(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
-    settings = [(tuple(r["size"]), r["amp"]) for r in result["runs"]]
-    assert settings == [((64, 64), "none"), ((64, 64), "bf16"), ((32, 48), "none"), ((32, 48), "bf16")]
-    for run in result["runs"]:
+    settings = [(r["arch"], tuple(r["size"]), r["amp"]) for r in result["runs"]]
+    windowed = [("vitdet-t", (64, 64), "none"), ("vitdet-t", (64, 64), "bf16")]
+    assert settings == windowed + [("deit-t", s, a) for s in ((64, 64), (32, 48)) for a in ("none", "bf16")]
+    for run in result["runs"][:2]:  # the windowed ViT first
+        assert [r["batch"] for r in run["result"]["results"]] == [1]
+        assert list(run["result"]["results"][0]["models"]) == ["dense", "svit"]
+        assert run["result"]["settings"]["window_size"] == 14
+    for run in result["runs"][2:]:
         assert [r["batch"] for r in run["result"]["results"]] == [1, 2]
         assert list(run["result"]["results"][0]["models"]) == ["dense", "svit", "ToMe"]
     table = (out / "table.md").read_text()
-    assert table.count("| svit |") == 4 and "## 32x48, bf16" in table
+    assert table.count("| svit |") == 6 and "## deit-t 32x48, bf16" in table and "## vitdet-t 64x64, none" in table
 
     gpu_benchmark = __import__("gpu_benchmark")
     note = gpu_benchmark.markdown(result["runs"][:1], ["800x1344 fp16: budget of 1 s spent"], "cpu")
     assert "Skipped (time budget or error): 800x1344 fp16: budget of 1 s spent" in note
+    result["runs"][0]["result"]["skipped"] = [{"label": "EViT", "reason": "..."}, {"label": "PPT", "reason": "..."}]
+    note = gpu_benchmark.markdown(result["runs"][:1], [], "cpu")
+    assert "Cannot run this backbone (reasons in results.json): EViT, PPT." in note
+    default_plan = gpu_benchmark.plan(gpu_benchmark.build_parser().parse_args([]))
+    assert [(s.arch, s.size, s.batches) for s in default_plan][0] == ("vitdet-b", (1024, 1024), [1, 2])

@@ -1,6 +1,7 @@
-"""Reliability (issue 8), in-process: numerics of the backbone under every reducer, safe checkpoint loading and
-its opt-in, the checks that turn bad data into one clear message, the choice of the checkpoint to resume from,
-the reliability hooks in every config, and determinism of keep decisions and predictions.
+"""Reliability (issue 8), in-process: numerics of the dense backbone and of every config's reducer (every
+registered reducer on the same inputs: tests/test_reducer_contract.py), safe checkpoint loading and its opt-in,
+the checks that turn bad data into one clear message, the choice of the checkpoint to resume from, the
+reliability hooks in every config, and determinism of keep decisions and predictions.
 
 The subprocess tests (SIGKILL and --resume, NaN loss, unreadable images, --trust-checkpoint) are in
 tests/test_reliability_tools.py; docs/reliability.md lists every case and its test."""
@@ -18,6 +19,7 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.runner.checkpoint import _load_checkpoint
+from reducer_checks import HARD_INPUTS, assert_finite, identical_zero_tokens
 
 import tokenprune  # noqa: F401  (registers the models and installs the safe loader)
 from tokenprune.data import make_shapes_dataset
@@ -41,7 +43,7 @@ from tokenprune.mmdet_plugin.safe_load import (
     unsafe_globals,
 )
 from tokenprune.models import SViTReducer, ViT
-from tokenprune.models.reducers import REDUCERS, build_reducer
+from tokenprune.models.reducers import build_reducer
 
 ROOT = Path(__file__).resolve().parents[1]
 # detector configs (configs/study/ holds study files, which list detector configs)
@@ -50,33 +52,16 @@ SHAPES_CFG = ROOT / "configs/dense/mask-rcnn_vit-t_simplefpn_shapes.py"
 SVIT_CFG = ROOT / "configs/svit/mask-rcnn_svit-t_simplefpn_shapes.py"
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. Numerics: no NaN or inf from the backbone, for the dense model and every registered reducer
+# 3. Numerics: no NaN or inf from the backbone, dense and with the reducer of every config (every registered
+# reducer on the same hard inputs: tests/test_reducer_contract.py::test_hard_inputs_are_finite)
 
-DIM, DEPTH, HEADS = 48, 12, 3  # 12 blocks: the reducers' defaults (e.g. SViT's gates at blocks 3-11) fit
+DIM, DEPTH, HEADS = 48, 12, 3  # 12 blocks: the configs' reducer blocks (e.g. SViT's gates at blocks 3-11) fit
 
 
-def make_backbone(name: str | None, cls_token: bool = False) -> ViT:
-    """The tiny ViT, dense (None) or with reducer ``name`` built with its defaults; skips if the reducer
-    refuses this backbone (e.g. it needs a class token) when built or on a first forward."""
+def make_dense_backbone(cls_token: bool = False) -> ViT:
+    """The tiny dense ViT."""
     torch.manual_seed(0)
-    kwargs = dict(img_size=64, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, cls_token=cls_token)
-    if name is None:
-        return ViT(**kwargs)
-    try:
-        model = ViT(**kwargs, reducer=REDUCERS[name](DIM))
-        with torch.no_grad():
-            model.eval()(torch.randn(1, 3, 64, 64))
-    except (TypeError, ValueError) as e:
-        pytest.skip(f"reducer {name} with its defaults refuses a {DEPTH}-block ViT, cls_token={cls_token}: {e}")
-    return model
-
-
-def identical_zero_tokens(model: ViT) -> None:
-    """Make a black image embed to identical all-zero tokens: every key is the zero vector, every similarity
-    0/0 unless a method guards it."""
-    with torch.no_grad():
-        model.pos_embed.zero_()
-        model.patch_embed.proj.bias.zero_()
+    return ViT(img_size=64, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, cls_token=cls_token)
 
 
 @functools.lru_cache
@@ -103,67 +88,35 @@ def make_config_backbone(path: Path) -> ViT:
     )
 
 
-CASES = {
-    # name: (image batch, whether the tokens are made identical and zero)
-    "black": (torch.zeros(2, 3, 64, 64), False),
-    "constant": (torch.full((2, 3, 64, 64), 0.5), False),
-    "black_identical_zero_tokens": (torch.zeros(2, 3, 64, 64), True),
-    "one_token": (torch.randn(2, 3, 16, 16), False),
-    "one_token_row": (torch.randn(2, 3, 16, 128), False),
-    "one_token_column": (torch.randn(2, 3, 128, 16), False),
-    "very_wide_16x1024": (torch.randn(1, 3, 16, 1024), False),
-    "not_divisible_37x53": (torch.randn(2, 3, 37, 53), False),
-    "huge_values": (torch.randn(2, 3, 64, 64) * 1e4, False),
-}
-BACKBONES = [None, *sorted(REDUCERS)]
-
-
-def check_finite(model: ViT, images: torch.Tensor, training: bool) -> None:
-    model.train(training)
-    out = model(images)
-    h, w = -(-images.shape[-2] // 16), -(-images.shape[-1] // 16)
-    assert out.shape == (images.shape[0], DIM, h, w)
-    assert torch.isfinite(out).all(), "NaN/inf in the backbone output"
-    for name, loss in model.last_record.aux_losses.items():
-        assert torch.isfinite(loss).all(), f"NaN/inf in {name}"
-    if training:
-        total = out.float().square().mean() + sum(model.last_record.aux_losses.values())
-        total.backward()
-        for pname, p in model.named_parameters():
-            assert p.grad is None or torch.isfinite(p.grad).all(), f"NaN/inf gradient of {pname}"
-
-
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(HARD_INPUTS))
 @pytest.mark.parametrize("cls_token", [False, True], ids=["no_cls", "cls"])
-@pytest.mark.parametrize("name", BACKBONES, ids=lambda n: n or "dense")
-def test_backbone_output_is_finite(name, cls_token, case, training):
-    model = make_backbone(name, cls_token)
-    images, zero_tokens = CASES[case]
+def test_dense_backbone_output_is_finite(cls_token, case, training):
+    model = make_dense_backbone(cls_token)
+    images, zero_tokens = HARD_INPUTS[case]
     if zero_tokens:
         identical_zero_tokens(model)
-    check_finite(model, images, training)
+    assert_finite(model, images, training)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(HARD_INPUTS))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_backbone_with_a_configs_reducer_is_finite(path, case, training):
     model = make_config_backbone(path)
-    images, zero_tokens = CASES[case]
+    images, zero_tokens = HARD_INPUTS[case]
     if zero_tokens:
         identical_zero_tokens(model)
-    check_finite(model, images, training)
+    assert_finite(model, images, training)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", ["constant", "one_token_row", "very_wide_16x1024"])
 @pytest.mark.parametrize("cls_token", [False, True], ids=["no_cls", "cls"])
-@pytest.mark.parametrize("name", BACKBONES, ids=lambda n: n or "dense")
-def test_backbone_is_finite_under_cpu_autocast(name, cls_token, case, dtype):
-    model = make_backbone(name, cls_token).eval()
+def test_dense_backbone_is_finite_under_cpu_autocast(cls_token, case, dtype):
+    model = make_dense_backbone(cls_token).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-        out = model(CASES[case][0])
+        out = model(HARD_INPUTS[case][0])
     assert torch.isfinite(out).all()
 
 

@@ -271,44 +271,6 @@ def test_fixed_mode_runs_exact_budget(img, n):
     assert model.last_record.extra_macs == len(BLOCKS) * n * per_token
 
 
-def test_threshold_calibration_meets_target_on_average():
-    model = make_model()
-    g = torch.Generator().manual_seed(3)
-    model.train()
-    with torch.no_grad():
-        for _ in range(20):
-            model(torch.randn(8, 3, 128, 192, generator=g))
-    assert (model.reducer.calibration_steps == 20).all()
-    # as SViTCalibrationHook does after training: recalibrate in inference mode, batches weighted equally
-    # (a block's tokens depend on the earlier blocks' decisions, which differ between sampling and inference)
-    model.eval()
-    model.reducer.reset_thresholds()
-    model.reducer.threshold_momentum, model.reducer.calibrating = 0.0, True
-    with torch.no_grad():
-        for _ in range(10):
-            model(torch.randn(8, 3, 128, 192, generator=g))
-    model.reducer.threshold_momentum, model.reducer.calibrating = 0.1, False
-    rates = []
-    with torch.no_grad():
-        for _ in range(6):
-            model(torch.randn(8, 3, 128, 192, generator=g))
-            rates.append([model.last_record.stats[f"keep_rate.block{b}"].item() for b in BLOCKS])
-    realised = torch.tensor(rates).mean(0)
-    assert (realised - torch.tensor(TARGETS)).abs().max().item() < 0.05, realised
-    per_image = model.last_record.stats[f"keep_rate_per_image.block{BLOCKS[-1]}"]
-    assert per_image.shape == (8,) and per_image.std() > 0  # the rate is dynamic per image
-
-
-def test_thresholds_are_in_the_checkpoint_and_reset():
-    model = make_model()
-    calibrate(model)
-    fresh = make_model(seed=1)
-    fresh.load_state_dict(model.state_dict())
-    assert fresh.reducer.calibration_steps.all() and torch.equal(fresh.reducer.thresholds, model.reducer.thresholds)
-    fresh.reducer.reset_thresholds()
-    assert not fresh.reducer.calibration_steps.any()
-
-
 def test_invalid_settings():
     with pytest.raises(ValueError, match="one value per reducing block"):
         TPCReducer(DIM, blocks=(2, 3), keep_targets=(0.7,))
@@ -322,31 +284,3 @@ def test_invalid_settings():
         make_model(blocks=(3, 6), keep_targets=(0.7, 0.5))
     with pytest.raises(ConfigError, match="invalid TPC reducer settings"):
         build_reducer({"type": "TPC", "min_keep": 0}, DIM)
-
-
-def test_calibration_context_and_rules():
-    # reducer.calibration() is the recalibration SViTCalibrationHook and tools/analysis_tools/recalibrate.py run:
-    # the same as resetting, weighting batches equally and updating in eval forwards by hand
-    by_hand, context = make_model(inference="fixed"), make_model(inference="fixed")
-    calibrate(by_hand)
-    context.load_state_dict(by_hand.state_dict())
-    batches = [torch.randn(4, 3, 64, 96, generator=torch.Generator().manual_seed(s)) for s in range(3)]
-    by_hand.eval().reducer.reset_thresholds()
-    by_hand.reducer.inference, by_hand.reducer.threshold_momentum, by_hand.reducer.calibrating = "threshold", 0.0, True
-    context.eval()
-    with torch.no_grad():
-        for x in batches:
-            by_hand(x)
-        with context.reducer.calibration():
-            for x in batches:
-                context(x)
-    assert torch.equal(context.reducer.thresholds, by_hand.reducer.thresholds)
-    assert context.reducer.calibration_steps.tolist() == [3] * len(BLOCKS)
-    reducer = context.reducer
-    assert (reducer.inference, reducer.threshold_momentum, reducer.calibrating) == ("fixed", 0.1, False)
-    assert reducer.inference_rules() == {b: "fixed" for b in BLOCKS} and reducer.inference_fallbacks() == {}
-    reducer.inference = "threshold"
-    assert reducer.inference_rules() == {b: "threshold" for b in BLOCKS} and reducer.inference_fallbacks() == {}
-    reducer.reset_thresholds()
-    assert reducer.inference_rules() == {b: "fixed" for b in BLOCKS}
-    assert reducer.inference_fallbacks() == {b: "never calibrated" for b in BLOCKS}

@@ -1,7 +1,8 @@
 """SViT inside ViTDet's windowed blocks (tokenprune.models.reducers.windowed): the kept tokens of every window
 gathered and run at their original places, against references written here from the equations (one window at
 a time, the pruned tokens masked out as keys, relative positions from index tables), the dense windowed model
-with every token kept, one image at a time, empty windows, training, the other reducers refused, and FLOPs."""
+with every token kept, one image at a time, empty windows, training, and FLOPs. TPC and ToMe in windows, and the
+reducers refused there: tests/test_vitdet_reducers.py."""
 
 import math
 
@@ -11,7 +12,6 @@ import torch.nn.functional as F
 
 from tokenprune.models import SViTReducer, ViT
 from tokenprune.models.flops import backbone_macs, count_backbone_macs, dense_backbone_macs
-from tokenprune.models.reducers import REDUCERS, build_reducer
 from tokenprune.models.reducers.windowed import kept_windows, run_gathered, run_on_kept_windowed, window_counts
 
 DIM, HEADS, DEPTH, WINDOW = 48, 3, 4, 4
@@ -269,11 +269,11 @@ def masked_reference(model: ViT, images: torch.Tensor, monkeypatch) -> torch.Ten
     """The model with SViT's gated blocks at inference run the slow way: all tokens, pruned keys masked."""
     import tokenprune.models.reducers.svit as svit_module
 
-    def masked(block, x, keep, hw):
+    def masked(block, x, keep, hw, num_prefix):
         return torch.where(keep[..., None], block(x, keep[:, None, None, :], hw), x)
 
     with monkeypatch.context() as m:
-        m.setattr(svit_module, "run_on_kept_windowed", masked)
+        m.setattr(svit_module, "run_block_on_kept", masked)
         with torch.no_grad():
             return model(images)
 
@@ -319,17 +319,6 @@ def test_svit_trains_on_the_windowed_backbone():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     gates = [p.grad for name, p in model.reducer.named_parameters() if name.startswith("gates.")]
     assert all(g.abs().sum() > 0 for g in gates)
-
-
-@pytest.mark.parametrize("name", sorted(set(REDUCERS) - {"SViT"}))
-def test_other_reducers_are_refused_with_the_reason(name):
-    reducer = build_reducer({"type": name}, DIM)  # its default blocks: the backbone refuses it before its checks
-    with pytest.raises(ValueError, match=f"{name}Reducer cannot drive a backbone with window attention") as err:
-        ViT(**TINY, reducer=reducer)
-    assert "breaks the window grid" in str(err.value) and "Use SViT" in str(err.value)
-    rel_pos_only = {**TINY, "window_size": 0, "global_block_indexes": None}
-    with pytest.raises(ValueError, match="relative position embeddings .* Use SViT"):
-        ViT(**rel_pos_only, reducer=reducer)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ pins=$root/requirements/stack.txt
 py=$venv/bin/python
 
 pin() { grep -E "^$1[=<>]" "$pins" | head -n1; }
-# --isolated: ignore this machine's pip configuration, whose find-links folder holds a CPU torch build that
-# breaks torchvision (STACK.md trap 1). Everything comes from the package registry.
+# --isolated: ignore a pip configuration whose find-links folder holds a CPU torch build (torch-2.13.0+cpu): with
+# it, `import torchvision` (a CUDA build) fails with "operator torchvision::nms does not exist". Everything comes
+# from the package registry.
 pipi() { "$py" -m pip --isolated --disable-pip-version-check install -q "$@"; }
 
 stamp=$venv/.tokenprune-stack
@@ -36,8 +37,9 @@ pipi "$(pin setuptools)" "$(pin wheel)" "$(pin ninja)"
 
 mv=$(pin mmcv | cut -d= -f3)
 if ! have "import mmcv, mmcv.ops; assert mmcv.__version__ == '$mv'"; then
-  # Compiled with ops and without build isolation (STACK.md trap 2): about 14 minutes on 2 cores the first
-  # time; pip keeps the built wheel in its cache, so later installs on the same machine take seconds.
+  # Compiled with ops and without build isolation (isolated, its setup.py cannot see torch and silently builds
+  # without ops): about 14 minutes on 2 cores the first time; pip keeps the built wheel in its cache, so later
+  # installs on the same machine take seconds.
   echo "setup_env: building $(pin mmcv) with ops (about 14 minutes on 2 cores the first time)"
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} pipi --no-build-isolation "$(pin mmcv)"
 fi

@@ -77,6 +77,9 @@ entries = [
          cfg_options={'model.backbone.window_size': 4, 'model.backbone.global_block_indexes': [2, 5, 8, 11],
                       'model.backbone.use_rel_pos': True, 'model.backbone.rel_pos_input_size': 16}),
     dict(name='vitdet-svit', config='configs/vitdet/mask-rcnn_vitdet-svit-t_simplefpn_shapes.py', init='vitdet'),
+    dict(name='vitdet-tpc', config='configs/vitdet/mask-rcnn_vitdet-tpc-t_simplefpn_shapes.py', init='vitdet'),
+    dict(name='vitdet-tome-free', config='configs/vitdet/mask-rcnn_vitdet-tome-t_simplefpn_shapes.py', init='vitdet',
+         train=False),
 ]
 
 targets = [

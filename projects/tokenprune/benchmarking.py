@@ -1,8 +1,10 @@
 """Measured speed of token reduction, torch + timm only: the pieces ``tools/analysis_tools/benchmark.py``,
 ``get_flops.py``, ``svit_gate_cost.py`` and ``gpu_benchmark.py`` share.
 
-- Models: ``--reducer`` specs (:class:`ModelSpec`: dense, a registered reducer by name with JSON settings),
-  one DeiT-shaped :class:`tokenprune.models.ViT` whose reducers are swapped in and out.
+- Models: ``--reducer`` specs (:class:`ModelSpec`: dense, a registered reducer by name with JSON settings, or
+  ``all``: every reducer that runs the backbone, :data:`ALL_SETTINGS`), one :class:`tokenprune.models.ViT` whose
+  reducers are swapped in and out: a DeiT shape (:data:`ARCHS`, global attention) or ViTDet's windowed ViT
+  (:data:`WINDOWED_ARCHS`, built by :func:`tokenprune.models.vit.vitdet_base`).
 - Timing: :class:`Timer` (CUDA events on a GPU, ``perf_counter`` on a CPU), :func:`time_round_robin` (every
   model once per repeat, the first one rotating, so load from other processes hits all alike),
   :func:`speed_summary` (latency quartiles, images/s, three speed-ups) and :func:`flop_summary` (MACs from the
@@ -36,10 +38,22 @@ from torch import Tensor
 from .errors import TokenPruneError
 from .models import ViT, load_timm_vit
 from .models.convert import unwrap_state_dict
+from .models.convert_vitdet import load_vitdet_vit, read_weights
 from .models.flops import BackboneMacs, backbone_macs
 from .models.reducers import REDUCERS, TokenReducer, build_reducer
+from .models.vit import VITDET_B, vitdet_base
 
-ARCHS = {"deit-t": (192, 3), "deit-s": (384, 6), "deit-b": (768, 12)}  # embed_dim, heads; 12 blocks each
+# embed_dim, heads; 12 blocks each. ARCHS: DeiT's global attention in every block (class token optional);
+# WINDOWED_ARCHS: ViTDet's backbone at these widths (vitdet_base: 14 x 14 windows, global blocks 2, 5, 8, 11,
+# decomposed relative positions, absolute positions from the 224 grid, no class token); vitdet-t for tests
+ARCHS = {"deit-t": (192, 3), "deit-s": (384, 6), "deit-b": (768, 12)}
+WINDOWED_ARCHS = {"vitdet-t": (192, 3), "vitdet-s": (384, 6), "vitdet-b": (768, 12)}
+BACKBONE_ARCHS = {**ARCHS, **WINDOWED_ARCHS}
+# the settings ``--reducer all`` gives a reducer where they differ from its defaults: the learned-gate reducers
+# at their fixed budget (the keep schedule, whatever thresholds a checkpoint holds; uncalibrated thresholds fall
+# back to it anyway), and on a backbone without a class token the CLS-free scores of the attention-scored ones
+ALL_SETTINGS = {"SViT": {"inference": "fixed"}, "TPC": {"inference": "fixed"}}
+CLS_FREE_SETTINGS = {"EViT": {"score": "mean_attention"}, "PPT": {"importance": "mean"}, "BAT": {"importance": "mean"}}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DENSE_NAMES = ("none", "dense")
@@ -57,7 +71,7 @@ class ModelSpec:
     label: str
     reducer: str | None = None
     kwargs: dict = field(default_factory=dict)
-    from_all: bool = False  # given as ``all``: skipped with a note if it cannot run this backbone
+    from_all: bool = False  # given as ``all``: skipped, with the reason, if it cannot run this backbone
 
 
 def parse_reducer_spec(spec: str) -> ModelSpec:
@@ -87,12 +101,13 @@ def parse_reducer_spec(spec: str) -> ModelSpec:
 
 
 def parse_model_specs(specs: Sequence[str]) -> list[ModelSpec]:
-    """The models to time, dense first (added if not given); ``all`` stands for every registered reducer
-    with its default settings."""
+    """The models to time, dense first (added if not given); ``all`` stands for every registered reducer,
+    labelled by its name, with its defaults updated by :data:`ALL_SETTINGS` (see :func:`settle_all_specs` for
+    the backbone-dependent ones); a reducer also given by name is taken as given."""
     out: list[ModelSpec] = []
     for spec in specs:
         if spec.strip().lower() == "all":
-            out.extend(ModelSpec(name, name, from_all=True) for name in REDUCERS)
+            out.extend(ModelSpec(name, name, dict(ALL_SETTINGS.get(name, {})), from_all=True) for name in REDUCERS)
         else:
             out.append(parse_reducer_spec(spec))
     dense = [s for s in out if s.reducer is None]
@@ -104,6 +119,24 @@ def parse_model_specs(specs: Sequence[str]) -> list[ModelSpec]:
     if len(set(labels)) != len(labels):
         raise ValueError(f"a model is given twice in --reducer: {labels}")
     return out
+
+
+def settle_all_specs(specs: Sequence[ModelSpec], backbone: ViT) -> list[ModelSpec]:
+    """The specs with those from ``all`` fitted to ``backbone``: without a class token the attention-scored
+    reducers score without it (:data:`CLS_FREE_SETTINGS`).
+
+    Args:
+        specs: The parsed ``--reducer`` specs (:func:`parse_model_specs`).
+        backbone: The backbone they will run.
+    """
+    if backbone.num_prefix_tokens:
+        return list(specs)
+    return [
+        ModelSpec(s.label, s.reducer, {**s.kwargs, **CLS_FREE_SETTINGS.get(s.reducer, {})}, s.from_all)
+        if s.from_all
+        else s
+        for s in specs
+    ]
 
 
 def make_reducer(spec: ModelSpec, embed_dim: int) -> TokenReducer | None:
@@ -307,20 +340,48 @@ def finish_environment(env: dict) -> None:
 
 
 def build_backbone(args: argparse.Namespace) -> ViT:
-    if args.arch not in ARCHS:
-        raise ValueError(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
-    embed_dim, heads = ARCHS[args.arch]
+    """The shared backbone of ``--arch`` with random weights (seeded): a DeiT shape, or ViTDet's windowed ViT
+    (:func:`tokenprune.models.vit.vitdet_base` at the arch's width; with ``--depth`` below 12 the global blocks
+    of the 12 that remain).
+
+    Args:
+        args: The command line: ``arch``, ``depth``, ``img_size``, ``cls_token``, ``seed``.
+    """
+    if args.arch not in BACKBONE_ARCHS:
+        raise ValueError(f"unknown --arch {args.arch!r}; choose from {', '.join(BACKBONE_ARCHS)}")
+    embed_dim, heads = BACKBONE_ARCHS[args.arch]
     torch.manual_seed(args.seed)
-    return ViT(img_size=args.img_size, embed_dim=embed_dim, depth=args.depth, num_heads=heads, cls_token=args.cls_token)
+    if args.arch in ARCHS:
+        return ViT(
+            img_size=args.img_size, embed_dim=embed_dim, depth=args.depth, num_heads=heads, cls_token=args.cls_token
+        )
+    if args.cls_token:
+        raise ValueError(f"--cls-token: {args.arch} is ViTDet's windowed backbone, which has no class token")
+    global_blocks = tuple(i for i in VITDET_B["global_block_indexes"] if i < args.depth)
+    return vitdet_base(
+        img_size=args.img_size,
+        embed_dim=embed_dim,
+        depth=args.depth,
+        num_heads=heads,
+        global_block_indexes=global_blocks,
+    )
 
 
 def build_reducers(
     specs: Sequence[ModelSpec], backbone: ViT, seed: int, probe: Tensor
-) -> tuple[dict[str, TokenReducer | None], list[str]]:
+) -> tuple[dict[str, TokenReducer | None], dict[str, str]]:
     """Label -> reducer (None for dense), each checked by one inference forward of ``probe`` on ``backbone``.
-    A reducer that cannot run this backbone stops the tool with its message, unless it came from ``all``:
-    then it is left out and the returned notes say why."""
-    out, notes = {}, []
+    A reducer that cannot run this backbone (refused by :meth:`ViT.set_reducer`, e.g. one that cannot drive
+    windowed blocks, or failing on the probe) stops the tool with its message, unless it came from ``all``:
+    then it is skipped, and the returned label -> reason says why.
+
+    Args:
+        specs: The models, dense included.
+        backbone: The shared backbone, on the CPU.
+        seed: Reducer ``k`` is initialised after ``torch.manual_seed(seed + 1 + k)``.
+        probe: Images (1, 3, H, W) of the benchmark's size.
+    """
+    out, skipped = {}, {}
     for k, spec in enumerate(specs):
         torch.manual_seed(seed + 1 + k)
         try:
@@ -332,30 +393,40 @@ def build_reducers(
         except (ValueError, TokenPruneError) as e:
             if not spec.from_all:
                 raise ValueError(f"{spec.label}: {e}") from e
-            notes.append(f"{spec.label} left out (default settings do not run on this backbone): {e}")
-            print(notes[-1])
+            skipped[spec.label] = str(e)
+            print(f"skipped {spec.label} (from 'all'): {e}")
             continue
         finally:
             backbone.set_reducer(None)
         out[spec.label] = reducer
-    return out, notes
+    return out, skipped
 
 
 def load_backbone_checkpoint(backbone: ViT, reducers: dict[str, TokenReducer | None], path: str) -> list[str]:
-    """Weights for the shared backbone (timm/DeiT file or a detector checkpoint's ``backbone.*``) and, for each
-    reducer whose parameters and buffers the file holds (``reducer.*``), those. Returns report lines."""
+    """Weights for the shared backbone (a DeiT shape: timm/DeiT file or a detector checkpoint's ``backbone.*``;
+    a windowed one: MAE pre-training, detectron2 ``.pkl`` / ``.pth`` or MMDetection ViTDet, through
+    :func:`tokenprune.models.convert_vitdet.load_vitdet_vit`) and, for each reducer whose parameters and
+    buffers the file holds (``reducer.*``), those. Returns report lines."""
     if not osp.isfile(path):
         raise ValueError(f"--checkpoint not found: {path}")
+    windowed = bool(backbone.window_block_indexes)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        raw = read_weights(path) if windowed else torch.load(path, map_location="cpu", weights_only=True)
+    except TokenPruneError:
+        raise  # e.g. a .pkl that pickles other objects than arrays
     except Exception as e:  # the weights-only unpickler raises several types
         raise ValueError(
             f"--checkpoint {path} could not be read with torch.load(weights_only=True): {e}. An MMEngine "
             "checkpoint needs mmengine installed (importing tokenprune allow-lists its contents); elsewhere, "
             "save its state_dict alone with torch.save first"
         ) from e
-    sd = unwrap_state_dict(ckpt)
-    report = [f"backbone weights from {path}: {load_timm_vit(backbone, sd)}".splitlines()[0]]
+    if windowed:
+        loaded = load_vitdet_vit(backbone, raw)
+        sd = {k[len("backbone.") :] if k.startswith("backbone.") else k: v for k, v in raw.items()}
+    else:
+        sd = unwrap_state_dict(raw)
+        loaded = load_timm_vit(backbone, sd)
+    report = [f"backbone weights from {path}: {loaded}".splitlines()[0]]
     for label, reducer in reducers.items():
         if reducer is None:
             continue
@@ -431,26 +502,63 @@ def count_backbone(backbone: ViT, batches: Sequence[Tensor], ctx) -> tuple[Backb
     return BackboneMacs.cat(parts), BackboneMacs.cat(padded), {k: statistics.fmean(v) for k, v in stats.items()}
 
 
-def setup_backbone_models(args: argparse.Namespace, device: torch.device) -> tuple[ViT, dict, list, list[str]]:
-    """The shared backbone and the reducers of ``--reducer`` (label -> reducer, None for dense), in eval mode
-    on ``device``, the model specs, and the checkpoint report."""
+@dataclass
+class BackboneModels:
+    """What a backbone-mode tool runs: the shared backbone and the reducers of ``--reducer``, in eval mode on the
+    device.
+
+    Attributes:
+        backbone: The ViT every model runs (its reducer swapped in and out).
+        reducers: Label -> reducer, None for dense (first).
+        specs: The specs of the models in ``reducers``, in order.
+        skipped: Label -> why, for the reducers of ``all`` that cannot run this backbone.
+        notes: Lines for the output: the checkpoint report.
+    """
+
+    backbone: ViT
+    reducers: dict[str, TokenReducer | None]
+    specs: list[ModelSpec]
+    skipped: dict[str, str]
+    notes: list[str]
+
+    def models_json(self) -> list[dict]:
+        """The models run, for the JSON output."""
+        return [{"label": s.label, "reducer": s.reducer, "settings": s.kwargs} for s in self.specs]
+
+    def skipped_json(self) -> list[dict]:
+        """The reducers of ``all`` left out, with the reason, for the JSON output."""
+        return [{"label": label, "reason": reason} for label, reason in self.skipped.items()]
+
+
+def setup_backbone_models(args: argparse.Namespace, device: torch.device) -> BackboneModels:
+    """The shared backbone of ``--arch`` and the reducers of ``--reducer`` (those of ``all`` that cannot run it
+    skipped, with the reason), in eval mode on ``device``, with the checkpoint loaded if given.
+
+    Args:
+        args: The command line of :func:`add_backbone_model_args` (``size`` is normalised to [H, W] in place).
+        device: Where the models run.
+    """
     if len(args.size) not in (1, 2):
         raise ValueError(f"--size takes H W (or one S for S x S), got {args.size}")
     args.size = [args.size[0], args.size[-1]]
     specs = parse_model_specs(args.reducer)
     backbone = build_backbone(args)
+    specs = settle_all_specs(specs, backbone)
     probe = torch.randn(1, 3, *args.size, generator=torch.Generator().manual_seed(args.seed))
-    reducers, notes = build_reducers(specs, backbone, args.seed, probe)
+    reducers, skipped = build_reducers(specs, backbone, args.seed, probe)
     specs = [s for s in specs if s.label in reducers]
+    notes = []
     if args.checkpoint:
-        report = load_backbone_checkpoint(backbone, reducers, args.checkpoint)
-        print("\n".join(report))
-        notes += report
+        notes = load_backbone_checkpoint(backbone, reducers, args.checkpoint)
+        print("\n".join(notes))
     backbone.to(device).eval()
     for r in reducers.values():
         if r is not None:
             r.to(device).eval()
-    return backbone, reducers, specs, notes
+    settings = [f"{s.label} = {s.reducer}{json.dumps(s.kwargs) if s.kwargs else ''}" for s in specs if s.from_all]
+    if settings:
+        print("from 'all': " + ", ".join(settings))
+    return BackboneModels(backbone, reducers, specs, skipped, notes)
 
 
 def backbone_settings(args: argparse.Namespace, backbone: ViT) -> dict:
@@ -460,6 +568,9 @@ def backbone_settings(args: argparse.Namespace, backbone: ViT) -> dict:
         "depth": backbone.depth,
         "num_heads": backbone.num_heads,
         "cls_token": args.cls_token,
+        "window_size": backbone.window_size,
+        "windowed_blocks": list(backbone.window_block_indexes),
+        "use_rel_pos": backbone.use_rel_pos,
         "size": args.size,
         "images": find_images(args.images)[: args.num_images] if args.images else None,
         "batch": args.batch,
@@ -470,7 +581,8 @@ def backbone_settings(args: argparse.Namespace, backbone: ViT) -> dict:
 
 def run_backbone(args: argparse.Namespace) -> dict:
     device = setup_device(args)
-    backbone, reducers, specs, notes = setup_backbone_models(args, device)
+    setup = setup_backbone_models(args, device)
+    backbone, reducers = setup.backbone, setup.reducers
     ctx = lambda: autocast(device, args.amp)  # noqa: E731
     env = environment(device, args.amp)
     timer = Timer(device)
@@ -501,7 +613,7 @@ def run_backbone(args: argparse.Namespace) -> dict:
             models[label] = entry
         hw = list(batches[0].shape[-2:])
         results.append({"batch": batch, "num_batches": len(batches), "input_hw": hw, "models": models})
-        print_backbone_table(results[-1], args)
+        print_backbone_table(results[-1], args, setup.skipped)
     backbone.set_reducer(None)
     finish_environment(env)
     return {
@@ -509,9 +621,10 @@ def run_backbone(args: argparse.Namespace) -> dict:
         "mode": "backbone",
         "environment": env,
         "settings": {**backbone_settings(args, backbone), "runs": args.runs, "warmup": args.warmup},
-        "models": [{"label": s.label, "reducer": s.reducer, "settings": s.kwargs} for s in specs],
+        "models": setup.models_json(),
+        "skipped": setup.skipped_json(),
         "results": results,
-        "notes": notes,
+        "notes": setup.notes,
     }
 
 
@@ -546,7 +659,24 @@ def print_keep_rates(models: dict) -> None:
         print(f"  {label:<{width}} " + " ".join(f"{r:.2f}" for r in m["keep_rate"]))
 
 
-def print_backbone_table(result: dict, args: argparse.Namespace) -> None:
+def print_skipped(skipped: dict[str, str]) -> None:
+    """The reducers of ``all`` left out (their reasons are printed when they are built, and are in the JSON).
+
+    Args:
+        skipped: Label -> reason.
+    """
+    if skipped:
+        print(f"  skipped (cannot run this backbone; why: above and in the JSON): {', '.join(skipped)}")
+
+
+def print_backbone_table(result: dict, args: argparse.Namespace, skipped: dict[str, str] | None = None) -> None:
+    """The speed, MACs and keep rates of one batch size.
+
+    Args:
+        result: One entry of the run's ``results``.
+        args: The command line (``runs``, ``warmup``).
+        skipped: The reducers of ``all`` left out, label -> reason.
+    """
     h, w = result["input_hw"]
     print(
         f"\nbatch {result['batch']} x {result['num_batches']} batch(es), input {h}x{w}, {torch.get_num_threads()} "
@@ -555,6 +685,7 @@ def print_backbone_table(result: dict, args: argparse.Namespace) -> None:
     rows = {label: {**m, "macs": m["backbone_macs"]} for label, m in result["models"].items()}
     print_speed_rows("  backbone:", rows)
     print_keep_rates(result["models"])
+    print_skipped(skipped or {})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -563,7 +694,12 @@ def print_backbone_table(result: dict, args: argparse.Namespace) -> None:
 
 def add_backbone_model_args(parser: argparse.ArgumentParser) -> None:
     """The backbone and its inputs (shared with get_flops.py)."""
-    parser.add_argument("--arch", default="deit-s", help=f"backbone shape: {', '.join(ARCHS)} (default deit-s)")
+    parser.add_argument(
+        "--arch",
+        default="deit-s",
+        help=f"backbone: {', '.join(ARCHS)} (global attention) or {', '.join(WINDOWED_ARCHS)} (ViTDet's windowed "
+        "ViT: 14 x 14 windows, global blocks 2, 5, 8, 11, relative positions, no class token); default deit-s",
+    )
     parser.add_argument("--depth", type=int, default=12, help="blocks (default 12; fewer only for quick tests)")
     parser.add_argument("--img-size", type=int, default=224, help="pre-training size of the position embeddings")
     parser.add_argument("--cls-token", action="store_true", help="run a class token through the blocks")
@@ -573,8 +709,9 @@ def add_backbone_model_args(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["none", "all"],
         help="models: none (dense, always included), NAME, NAME:'{\"key\": value}' (JSON settings), each "
-        "optionally LABEL=..., or all (every reducer with its defaults). "
-        f"Registered: {', '.join(REDUCERS)}. Default: none all",
+        "optionally LABEL=..., or all (every reducer that can run the backbone, with its defaults but SViT and TPC "
+        "at their fixed budget and, without a class token, EViT, PPT and BAT with CLS-free scores; the others are "
+        f"listed as skipped, with the reason). Registered: {', '.join(REDUCERS)}. Default: none all",
     )
     parser.add_argument("--checkpoint", help="a timm/DeiT file or a detector checkpoint (backbone.*, reducer.*)")
     parser.add_argument("--images", nargs="+", help="real images (files or folders) instead of random pixels")

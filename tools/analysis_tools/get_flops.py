@@ -3,14 +3,18 @@
 A static counter traces one forward and sees no saving from a reducer that gathers a data-dependent number of
 tokens. Here each block's cost is computed from the tokens it really ran on these inputs
 (:mod:`tokenprune.models.flops`): qkv, q @ k^T and attn @ v over n queries x n keys, the output projection
-and the MLP; the patch embedding; and the reducer's own work (gates, scores, matching). In ``detector`` mode
-the neck and heads are counted from the shapes their convolutions and linear layers saw in a real prediction
-(forward hooks), so the RoI heads count the proposals and detections of these images; RoIAlign, NMS,
-normalisation and activations are not counted. Everything is in MACs per image (1 MAC = 2 FLOPs; the
-"GFLOPs" of the ViT papers and of MMDetection's get_flops are MACs).
+and the MLP; the patch embedding; and the reducer's own work (gates, scores, matching). In ViTDet's windowed
+blocks (``--arch vitdet-*``) attention is counted per window: a dense windowed block runs every window of the
+grid padded to whole windows, and one a reducer ran on the kept tokens of each window costs sum over windows of
+n_w tokens through qkv and the projection and 2 n_w^2 C for q @ k^T and attn @ v, n_w read from its token
+maps. In ``detector`` mode the neck and heads are counted from the shapes their convolutions and linear layers
+saw in a real prediction (forward hooks), so the RoI heads count the proposals and detections of these images;
+RoIAlign, NMS, normalisation and activations are not counted. Everything is in MACs per image (1 MAC = 2 FLOPs;
+the "GFLOPs" of the ViT papers and of MMDetection's get_flops are MACs).
 
     python tools/analysis_tools/get_flops.py backbone --arch deit-s --size 512 512 \\
         --reducer none 'SViT:{"inference": "fixed"}' [--images DIR] [--json-out flops.json]
+    python tools/analysis_tools/get_flops.py backbone --arch vitdet-b --size 1024 1024 --reducer none all
     python tools/analysis_tools/get_flops.py detector configs/dense/X.py configs/svit/Y.py \\
         [--checkpoints a.pth b.pth] [--size 800 1216 | --dataset --num-images 20]
 
@@ -56,7 +60,8 @@ def print_blocks(title: str, models: dict[str, dict]) -> None:
 
 def run_backbone(args: argparse.Namespace) -> dict:
     device = bench.setup_device(args)
-    backbone, reducers, specs, notes = bench.setup_backbone_models(args, device)
+    setup = bench.setup_backbone_models(args, device)
+    backbone, reducers = setup.backbone, setup.reducers
     ctx = lambda: bench.autocast(device, args.amp)  # noqa: E731
     results = []
     for batch in args.batch:
@@ -71,15 +76,17 @@ def run_backbone(args: argparse.Namespace) -> dict:
         results.append({"batch": batch, "num_images": batch * len(batches), "models": models})
         h, w = batches[0].shape[-2:]
         print_blocks(f"\nbackbone MACs per image, input {h}x{w}, batch {batch}, {batch * len(batches)} images:", models)
+        bench.print_skipped(setup.skipped)
     backbone.set_reducer(None)
     return {
         "tool": "get_flops",
         "mode": "backbone",
         "unit": "MACs per image (1 MAC = 2 FLOPs)",
         "settings": bench.backbone_settings(args, backbone),
-        "models": [{"label": s.label, "reducer": s.reducer, "settings": s.kwargs} for s in specs],
+        "models": setup.models_json(),
+        "skipped": setup.skipped_json(),
         "results": results,
-        "notes": notes,
+        "notes": setup.notes,
     }
 
 

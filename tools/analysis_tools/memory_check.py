@@ -88,18 +88,17 @@ def make_batch(model, sizes: list[tuple[int, int]], rng: np.random.Generator) ->
 
 
 def build_model(config: str, checkpoint: str | None, cfg_options: dict | None):
-    from mmdet.registry import MODELS
     from mmengine.config import Config
-    from mmengine.runner import load_checkpoint
+
+    from tokenprune.mmdet_plugin.detectors import build_detector, load_weights
 
     cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     cfg.model.backbone.init_cfg = None
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
+    model = build_detector(cfg, seed=0)
     if checkpoint:
-        load_checkpoint(model, checkpoint, map_location="cpu")
+        load_weights(model, checkpoint)
     return model.eval()
 
 

@@ -30,14 +30,14 @@ import sys
 sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), "projects"))
 
 import torch  # noqa: E402
-from mmdet.registry import DATASETS, MODELS  # noqa: E402
+from mmdet.registry import DATASETS  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from mmengine.model import revert_sync_batchnorm  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
 
 import tokenprune  # noqa: E402,F401  (registers the models and datasets; allow-lists checkpoint contents)
 from tokenprune.errors import ConfigError, WeightsMismatchError  # noqa: E402
 from tokenprune.mmdet_plugin.cli import check_config, load_config, report_errors  # noqa: E402
+from tokenprune.mmdet_plugin.detectors import build_detector  # noqa: E402
 from tokenprune.mmdet_plugin.hooks import (  # noqa: E402
     SViTCalibrationHook,
     calibrate_thresholds,
@@ -45,6 +45,7 @@ from tokenprune.mmdet_plugin.hooks import (  # noqa: E402
     threshold_reducer,
 )
 from tokenprune.mmdet_plugin.safe_load import load_checkpoint_file, trust_checkpoint  # noqa: E402
+from tokenprune.models.weights import read_weights  # noqa: E402
 
 CALIBRATION_BUFFERS = ("thresholds", "calibration_steps")
 
@@ -86,19 +87,10 @@ def plain(value):
     return None
 
 
-def state_dict_of(checkpoint) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint: its ``state_dict`` entry (or the dict itself), ``module.`` removed."""
-    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsMismatchError("the checkpoint holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
-
-
 def build_and_load(args: argparse.Namespace):
     """The detector of the config with the checkpoint's weights, SyncBN reverted, in eval mode on the device;
     the config; and the checkpoint's state dict and meta."""
     cfg = load_config(args.config, args.cfg_options)
-    init_default_scope(cfg.get("default_scope", "mmdet"))
     cfg.model.backbone.init_cfg = None  # the checkpoint holds the weights
     cfg.load_from = None
     check_config(cfg, loaders=("train_dataloader",))
@@ -107,8 +99,8 @@ def build_and_load(args: argparse.Namespace):
     if args.trust_checkpoint:
         trust_checkpoint(args.checkpoint)
     checkpoint = load_checkpoint_file(args.checkpoint, map_location="cpu")
-    state_dict = state_dict_of(checkpoint)
-    model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    state_dict = read_weights(checkpoint)
+    model = revert_sync_batchnorm(build_detector(cfg))
     reducer = threshold_reducer(model)
     if reducer is None:
         reducer_type = type(getattr(model.backbone, "reducer", None)).__name__

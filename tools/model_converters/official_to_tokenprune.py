@@ -29,11 +29,8 @@ import torch
 
 sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), "projects"))
 
-from tokenprune.models.convert_official import (  # noqa: E402
-    add_uncalibrated_thresholds,
-    convert_official_state_dict,
-    unwrap_checkpoint,
-)
+from tokenprune.models.convert_official import add_uncalibrated_thresholds, convert_official_state_dict  # noqa: E402
+from tokenprune.models.weights import read_weights  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        state_dict, report = convert_official_state_dict(unwrap_checkpoint(ckpt), layer_scale=args.layer_scale)
+        state_dict, report = convert_official_state_dict(read_weights(ckpt), layer_scale=args.layer_scale)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
-import torch
 from mmdet.registry import MODELS
 from mmengine.logging import print_log
 
 from ..models import load_timm_vit
-from ..models.convert_official import is_official_layout, load_official, unwrap_checkpoint
+from ..models.convert_official import is_official_layout, load_official
 from ..models.vit_adapter import ViTAdapter
+from ..models.weights import read_weights
 from .backbone import init_backbone
 
 VIT_KEYS = ("blocks.", "patch_embed.", "pos_embed")
@@ -37,10 +35,8 @@ class TokenPruneViTAdapter(ViTAdapter):
         if self.init_cfg is None:
             return
         path = self.init_cfg["checkpoint"]
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"pretrained weights file not found: {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if is_official_layout(unwrap_checkpoint(ckpt)):
+        ckpt = read_weights(path)
+        if is_official_layout(ckpt):
             message = str(load_official(self, ckpt))
         else:
             report = load_timm_vit(self, ckpt)

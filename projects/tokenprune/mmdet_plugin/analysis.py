@@ -14,16 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from mmdet.registry import DATASETS, MODELS
+from mmdet.registry import DATASETS
 from mmengine.config import Config
 from mmengine.dataset import Compose, pseudo_collate
-from mmengine.registry import init_default_scope
-from mmengine.runner import load_checkpoint
 from torch import Tensor
 
 from ..errors import ConfigError, DatasetError
 from ..models.vit import ViT
 from .cli import check_config, load_config
+from .detectors import build_detector, load_weights
 
 SPLITS = ("train", "val", "test")
 
@@ -35,19 +34,18 @@ def load_detector(
     (missing and unexpected keys are logged, e.g. a dense checkpoint under a training-free reducer), and switch
     on ``backbone.record_tokens``. Returns the model in eval mode on ``device`` and the config."""
     cfg = load_config(config, cfg_options)
-    if not os.path.isfile(checkpoint):
+    if not os.path.isfile(checkpoint):  # before building the model
         raise ConfigError(f"checkpoint not found: {checkpoint}")
-    init_default_scope(cfg.get("default_scope", "mmdet"))
     cfg.model.backbone.init_cfg = None  # the checkpoint holds the weights
     cfg.load_from = None
     check_config(cfg, loaders=())
-    model = MODELS.build(cfg.model)
+    model = build_detector(cfg)
     if not isinstance(getattr(model, "backbone", None), ViT):
         raise ConfigError(
             f"the token tools need a detector with a TokenPruneViT backbone; {config} has "
             f"{type(getattr(model, 'backbone', None)).__name__}"
         )
-    meta = load_checkpoint(model, checkpoint, map_location="cpu", logger="current").get("meta", {})
+    meta = load_weights(model, checkpoint)
     model.dataset_meta = {k.lower(): v for k, v in meta.get("dataset_meta", {}).items()}
     if not model.dataset_meta.get("classes"):  # as init_detector: the test dataset's metainfo, not loaded
         model.dataset_meta = dict(DATASETS.build({**cfg.test_dataloader.dataset, "lazy_init": True}).metainfo)

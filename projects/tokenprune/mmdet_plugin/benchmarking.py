@@ -88,21 +88,13 @@ def build_same_weight_detectors(cfgs: Sequence, checkpoints: Sequence[str | None
         checkpoints: One path or None per config.
         seed: Seed of the random weights.
     """
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
-    from mmengine.runner import load_checkpoint
-
-    import tokenprune  # noqa: F401  (registers the models)
+    from .detectors import build_detector, load_weights
 
     models = []
     for cfg, ckpt in zip(cfgs, checkpoints):
-        init_default_scope(cfg.get("default_scope", "mmdet"))
-        torch.manual_seed(seed)
-        model = MODELS.build(cfg.model)
+        model = build_detector(cfg, seed)
         if ckpt is not None:
-            if not osp.isfile(ckpt):
-                raise ValueError(f"checkpoint not found: {ckpt}")
-            load_checkpoint(model, ckpt, map_location="cpu", strict=False, logger="silent")
+            load_weights(model, ckpt, logger="silent")
         elif models:
             reference, own = models[0].state_dict(), model.state_dict()
             model.load_state_dict(

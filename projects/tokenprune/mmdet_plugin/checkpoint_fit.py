@@ -82,11 +82,9 @@ def inner_shapes(ckpt) -> Shapes:
 
 def model_shapes(cfg: Config) -> Shapes:
     """Key -> shape of the state dict of the model ``cfg.model`` builds (built on the CPU and dropped)."""
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
+    from .detectors import build_detector
 
-    init_default_scope(cfg.get("default_scope", "mmdet"))
-    model = MODELS.build(cfg.model)
+    model = build_detector(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     del model
     gc.collect()

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..errors import WeightsMismatchError
 from .vit import ViT, resize_pos_embed
+from .weights import read_weights
 
 CLASSIFIER_PREFIXES = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
 
@@ -49,20 +50,10 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def unwrap_state_dict(ckpt: dict) -> dict[str, Tensor]:
-    """The tensor dict inside a checkpoint, with ``module.`` and ``backbone.`` prefixes removed."""
-    for key in ("state_dict", "model", "module"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-    if not isinstance(ckpt, dict) or not all(isinstance(v, Tensor) for v in ckpt.values()):
-        raise WeightsMismatchError("the weights file holds no state dict of tensors")
-    out = {}
-    for k, v in ckpt.items():
-        for prefix in ("module.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
+def unwrap_state_dict(source: str | os.PathLike | dict) -> dict[str, Tensor]:
+    """The tensor dict of a weights file or loaded checkpoint (:func:`tokenprune.models.weights.read_weights`),
+    with ``module.`` and ``backbone.`` prefixes removed."""
+    return {k.removeprefix("backbone."): v for k, v in read_weights(source).items()}
 
 
 def convert_timm_vit(state_dict: dict[str, Tensor], model: ViT) -> tuple[dict[str, Tensor], list[str]]:
@@ -123,14 +114,11 @@ def fitting_tensors(model: ViT, sd: dict[str, Tensor], strict_shapes: bool = Tru
 def load_timm_vit(model: ViT, source: str | os.PathLike | dict, strict_shapes: bool = True) -> LoadReport:
     """Load a timm/DeiT checkpoint (a path or an already loaded dict) into ``model`` and report the keys.
 
-    A path is read with ``torch.load(weights_only=True)``: tensors and plain containers only.
+    A path is read by :func:`tokenprune.models.weights.read_weights` (``torch.load(weights_only=True)``: tensors
+    and plain containers only).
     Raises :class:`WeightsMismatchError` when a tensor's shape differs from the model's (a different model
     size) or when nothing of the file fits the model.
     """
-    if not isinstance(source, dict):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"pretrained weights file not found: {source}")
-        source = torch.load(source, map_location="cpu", weights_only=True)
     sd, dropped = convert_timm_vit(unwrap_state_dict(source), model)
     own = model.state_dict()
     fitting = fitting_tensors(model, sd, strict_shapes)

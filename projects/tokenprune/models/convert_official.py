@@ -32,6 +32,7 @@ from torch import Tensor
 from ..errors import WeightsMismatchError
 from .convert import fitting_tensors
 from .vit import ViT, resize_pos_embed
+from .weights import read_weights
 
 BACKBONE = "backbone."
 
@@ -146,16 +147,6 @@ def add_uncalibrated_thresholds(state_dict: dict[str, Tensor], report: Conversio
             report.added.append(prefix + name)
 
 
-def unwrap_checkpoint(ckpt: dict) -> dict[str, Tensor]:
-    """The tensor dict of a checkpoint (``state_dict`` / ``model`` / ``module`` entry), ``module.`` removed."""
-    for key in ("state_dict", "model", "module"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-    if not isinstance(ckpt, dict) or not ckpt or not all(isinstance(v, Tensor) for v in ckpt.values()):
-        raise WeightsMismatchError("the weights file holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in ckpt.items()}
-
-
 def pos_embed_grid(pos: Tensor) -> tuple[Tensor, int]:
     """(1, [1 +] s*s, C) -> the grid part (1, s*s, C) and s: a leading class-token slot is removed."""
     n = pos.shape[1]
@@ -176,7 +167,7 @@ def convert_official_state_dict(
     is not resampled here). Keys that fit nothing are left out and listed in the report.
 
     Args:
-        state_dict: The official tensors (see :func:`unwrap_checkpoint`).
+        state_dict: The official tensors (see :func:`tokenprune.models.weights.read_weights`).
         layer_scale: What to do with ``blocks.i.gamma1`` / ``gamma2``: ``'fold'`` multiplies them into
             ``attn.proj`` / ``mlp.fc2`` (exact; for our models without LayerScale, ``init_values=None``),
             ``'keep'`` renames them to ``blocks.i.ls1.gamma`` / ``ls2.gamma`` (for ``init_values`` set).
@@ -267,16 +258,13 @@ def load_official(model: ViT, source: str | os.PathLike | dict, strict_shapes: b
     """Load an official ViT-Adapter / SViT checkpoint (path or loaded dict) into a backbone.
 
     Only the backbone's tensors are taken (a detector checkpoint's others are counted as ignored); LayerScale
-    is folded or kept to match the model, and ``pos_embed`` resampled to the model's grid. A path is read with
-    ``torch.load(weights_only=True)``; a file holding more than tensors and plain containers is refused
-    (convert it with ``tools/model_converters/official_to_tokenprune.py --trust-checkpoint`` if you trust it).
+    is folded or kept to match the model, and ``pos_embed`` resampled to the model's grid. A path is read by
+    :func:`tokenprune.models.weights.read_weights` (``torch.load(weights_only=True)``); a file holding more than
+    tensors and plain containers is refused (convert it with ``tools/model_converters/official_to_tokenprune.py
+    --trust-checkpoint`` if you trust it).
     Raises :class:`WeightsMismatchError` when shapes differ (another model size) or nothing fits.
     """
-    if not isinstance(source, dict):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"checkpoint file not found: {source}")
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    sd = unwrap_checkpoint(source)
+    sd = read_weights(source)
     ignored = []
     if any(k.startswith(BACKBONE) for k in sd):
         ignored = sorted(k for k in sd if not k.startswith(BACKBONE))

@@ -98,8 +98,10 @@ def window_token_counts(
     """The tokens each window of the windowed blocks ran, where a reducer ran them on their kept tokens.
 
     A windowed block whose image ran fewer than all its tokens (``counts``) ran its windows on the kept ones
-    (:mod:`tokenprune.models.reducers.windowed`): the positions its token map does not mark ``PRUNED``, counted
-    per window. An image that ran every token ran the block densely: ``ws^2`` tokens in each padded window.
+    (:mod:`tokenprune.models.reducers.windowed`), or on the merged ones (ToMe inside windows): the tokens of its
+    token map, counted per window, each once (the positions whose id is their own index: a kept position, or the
+    first position of a group merged within its window; ``PRUNED`` positions ran nothing). An image that ran
+    every token ran the block densely: ``ws^2`` tokens in each padded window.
 
     Args:
         backbone: The ViT.
@@ -119,7 +121,9 @@ def window_token_counts(
         ran_all = counts[index].detach().cpu() >= num_tokens - 1e-6
         if not ws or ids is None or bool(ran_all.all()):
             continue
-        kept = window_counts(ids.detach().cpu() >= 0, hw, (ws, ws)).double()
+        ids = ids.detach().cpu()
+        # one position per token that ran: its own id (kept tokens; the first position of a merged group)
+        kept = window_counts(ids == torch.arange(ids.shape[1]), hw, (ws, ws)).double()
         if padded:
             kept = torch.where(kept > 0, kept.max(), kept)
         out[index] = torch.where(ran_all[:, None], torch.full_like(kept, ws * ws), kept)

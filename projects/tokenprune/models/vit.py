@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .record import ReductionRecord, reduction_record
 from .reducers.base import TokenReducer
+from .reducers.windowed import grid_refusal
 
 
 def to_hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -285,6 +286,7 @@ class Attention(nn.Module):
         grid_hw: tuple[int, int],
         key_mask: Tensor | None = None,
         content_hw: Tensor | None = None,
+        key_bias: Tensor | None = None,
     ) -> Tensor:
         """Attention among a subset of a grid's tokens, with the relative positions of their original places.
 
@@ -301,6 +303,9 @@ class Attention(nn.Module):
             content_hw: None (no padding), or (B, 2) long, the rows and columns of each window that hold
                 tokens: the window's remaining positions are the zero padding of a windowed block, which takes
                 part as keys, as in :meth:`Block.window_attention`.
+            key_bias: None, or (B, n) float added to the logits of every query with each token as key, e.g.
+                ToMe's proportional attention (log of the positions a merged token stands for); the padding
+                keys get none.
 
         Returns:
             (B, n, C), after the output projection.
@@ -312,6 +317,9 @@ class Attention(nn.Module):
         if self.use_rel_pos:
             terms = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, grid_hw, coords)
             bias = decomposed_rel_pos_at(*terms, coords).to(q.dtype)
+        if key_bias is not None:
+            per_key = key_bias.to(q.dtype)[:, None, None, :]
+            bias = per_key if bias is None else bias + per_key
         if key_mask is not None:
             bias = add_attn_mask(x.new_zeros(B, 1, 1, N) if bias is None else bias, key_mask[:, None, None, :])
         if content_hw is not None:
@@ -454,7 +462,8 @@ class ViT(nn.Module):
         attn_drop_rate: Dropout on attention weights.
         reducer: Token-reduction method driving the blocks (see :class:`TokenReducer`); None runs every block
             densely. What it did in each forward is kept in ``last_record`` (see below).
-            On a backbone with windowed or relative-position blocks only SViT (see ``reducers/windowed.py``).
+            On a backbone with windowed or relative-position blocks only SViT, TPC and ToMe (see
+            ``reducers/windowed.py`` and :meth:`set_reducer`).
         window_size: Window side in tokens of the windowed blocks (ViTDet: 14); 0 (default): no windows.
         window_block_indexes: The blocks with window attention (detectron2's argument); the others are global.
         global_block_indexes: Or the blocks with global attention (ViTDet-B: 2, 5, 8, 11); the others are
@@ -547,12 +556,18 @@ class ViT(nn.Module):
         self.set_reducer(reducer)
 
     def set_reducer(self, reducer: TokenReducer | None) -> None:
-        """Attach (or, with None, remove) the token-reduction method; raises ValueError if it does not fit."""
+        """Attach (or, with None, remove) the token-reduction method; raises ValueError if it does not fit.
+
+        On a backbone with windowed or relative-position blocks only a reducer with ``runs_on_grid`` fits (SViT,
+        TPC, ToMe); the others are refused with the reason and what to use
+        (:func:`tokenprune.models.reducers.windowed.grid_refusal`). The reducer is told whether the blocks need
+        the grid (:meth:`TokenReducer.use_grid`): ToMe then merges inside each window instead of shrinking the
+        token set.
+        """
         grid_blocks = bool(self.window_block_indexes) or self.use_rel_pos
         if reducer is not None and grid_blocks and not getattr(reducer, "runs_on_grid", False):
             # most reducers drive the blocks as block(x, attn_mask) on a token set they shrink or merge; windowed
             # and relative-position blocks need every token at its place on the (h, w) grid
-            name = type(reducer).__name__
             if self.window_block_indexes:
                 what = (
                     f"window attention (window_size={self.window_size}, windowed blocks "
@@ -560,14 +575,10 @@ class ViT(nn.Module):
                 )
             else:
                 what = "relative position embeddings (use_rel_pos=True)"
-            raise ValueError(
-                f"{name} cannot drive a backbone with {what}: it shrinks or merges the token set across the whole "
-                "image, which breaks the window grid (windows and relative positions need every token at its place "
-                "on the token grid). Use SViT (pruned tokens stay in place; each window runs on its kept tokens), "
-                "or a backbone with global attention and no relative positions (window_size=0, use_rel_pos=False)"
-            )
+            raise ValueError(grid_refusal(reducer, what))
         if reducer is not None:
             reducer.check_backbone(self.depth, self.embed_dim)
+            reducer.use_grid(grid_blocks)
         self.reducer = reducer
 
     def reset_parameters(self) -> None:

@@ -2,9 +2,11 @@
 
 Layout: ``base.py`` (the interface and its vocabulary: ``blocks``, ``reduced_blocks``, ``keep_schedule``;
 config checks), ``toolkit.py`` (what methods share: keep counts and masks, running a block on the kept tokens,
-block halves and explicit attention, threshold calibration), ``gated.py`` (the learned-gate base: SViT, TPC),
-``gates.py`` (gate modules), ``merging.py`` (ToMe, PPT, BAT's merging machinery), ``windowed.py`` (running a
-block on the kept tokens of each window), and one file per method; a method file imports no other method file.
+block halves and explicit attention, threshold calibration), ``gated.py`` (the learned-gate bases: keep masks for
+SViT, TPC and DynamicViT, calibrated thresholds for SViT and TPC), ``gates.py`` (gate modules), ``merging.py``
+(ToMe, PPT, BAT's merging machinery), ``windowed.py`` (running a block on the kept tokens of each window),
+``sparse_train.py`` (SViT and TPC training with the backward over the kept tokens), and one file per method; a
+method file imports no other method file.
 
 Adding a method: write ``reducers/<method>.py`` with a ``TokenReducer`` subclass whose constructor takes
 ``embed_dim`` first and ``blocks`` for its reduced blocks, add it to ``REDUCERS``, its config keys to the table

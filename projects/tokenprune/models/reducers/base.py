@@ -49,8 +49,9 @@ class TokenReducer(nn.Module, metaclass=abc.ABCMeta):
             for one that shrinks the set, whose forward must cover its blocks from :meth:`begin` to
             :meth:`finish` (ViT-Adapter then runs one forward per stage).
         runs_on_grid: True for a reducer that can drive windowed and relative-position blocks (ViTDet): it
-            keeps every token at its place on the (h, w) grid and calls ``block(x, attn_mask, hw)`` with the
-            grid (e.g. SViT, through :mod:`tokenprune.models.reducers.windowed`); the backbone refuses the others.
+            keeps every token at its place on the (h, w) grid between blocks and runs the blocks with the grid
+            (SViT and TPC on the kept tokens of each window, ToMe merging inside each window, through
+            :mod:`tokenprune.models.reducers.windowed`); the backbone refuses the others (:meth:`use_grid`).
         renamed_keys: Old config key -> its new name; a config (or constructor call) that still uses an old
             key is refused with a message that gives the new one (:func:`reject_renamed_keys`).
         embed_dim: Token channels C the reducer was built for (set by every constructor).
@@ -107,6 +108,12 @@ class TokenReducer(nn.Module, metaclass=abc.ABCMeta):
         blocks = self.reduced_blocks(depth)
         if blocks and blocks[-1] >= depth:
             raise ValueError(f"{name} blocks {blocks} do not fit a backbone of depth {depth}")
+
+    def use_grid(self, grid: bool) -> None:
+        """Called by the backbone when it attaches the reducer, after :meth:`check_backbone`: ``grid`` is True when
+        its blocks need the token grid (windows or relative positions; only a ``runs_on_grid`` reducer gets
+        there). Default: nothing (SViT and TPC dispatch per block on ``block.needs_grid``); ToMe merges inside
+        each window then, instead of shrinking the token set. May raise ValueError for settings that do not fit."""
 
     @abc.abstractmethod
     def begin(self, x: Tensor, hw: tuple[int, int], num_prefix: int) -> tuple[Tensor, Any]:
@@ -240,6 +247,16 @@ def check_fractions(values: Sequence[float], name: str) -> tuple[float, ...]:
     if not all(0.0 < v <= 1.0 for v in values):
         raise ValueError(f"{name} must each be in (0, 1] (1.0: keep every token), got {values}")
     return values
+
+
+def check_min_keep(min_keep: int) -> None:
+    """ValueError unless ``min_keep`` (patch tokens kept per image at least) is >= 1: attention needs a key.
+
+    Args:
+        min_keep: The configured value.
+    """
+    if min_keep < 1:
+        raise ValueError(f"min_keep must be >= 1 (attention needs a key), got {min_keep}")
 
 
 def check_per_block(values: Sequence, blocks: Sequence[int], name: str, single_ok: bool = False) -> None:

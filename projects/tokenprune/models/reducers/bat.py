@@ -50,10 +50,9 @@ from .merging import (
     MergingReducer,
     attention_importance,
     bipartite_soft_matching,
-    check_importance,
     merge_tokens,
 )
-from .toolkit import attention_half, keep_count, mlp_half, topk_mask
+from .toolkit import keep_count, mlp_half, topk_mask
 
 DEFAULT_BLOCKS = (3, 6, 9)
 DEFAULT_KEEP_RATIO = 0.7
@@ -130,17 +129,15 @@ class BATReducer(MergingReducer):
         prop_attn: bool = False,
         restore: str = "last",
     ) -> None:
-        check_importance(importance, 1, "BAT")
         if restore not in ("last", "merged"):
             raise ValueError(f"restore must be 'last' or 'merged', got {restore!r}")
         if not 0.0 < cluster_ratio <= 1.0:
             raise ValueError(f"cluster_ratio must be in (0, 1], got {cluster_ratio}")
         if int(knn) != knn or knn < 1:
             raise ValueError(f"knn must be a positive integer, got {knn}")
-        super().__init__(embed_dim, blocks, keep_ratio, None, prop_attn, DEFAULT_KEEP_RATIO)
+        super().__init__(embed_dim, blocks, keep_ratio, None, prop_attn, DEFAULT_KEEP_RATIO, importance)
         self.cluster_ratio = float(cluster_ratio)
         self.knn = int(knn)
-        self.importance = importance
         self.restore = restore
 
     def extra_repr(self) -> str:
@@ -148,10 +145,6 @@ class BATReducer(MergingReducer):
             f"{super().extra_repr()}, cluster_ratio={self.cluster_ratio}, knn={self.knn}, "
             f"importance={self.importance!r}, restore={self.restore!r}"
         )
-
-    def begin(self, x: Tensor, hw: tuple[int, int], num_prefix: int) -> tuple[Tensor, MergeState]:
-        check_importance(self.importance, num_prefix, "BAT")
-        return super().begin(x, hw, num_prefix)
 
     def reduce(self, index: int, block: nn.Module, x: Tensor, state: MergeState) -> Tensor | None:
         P = state.num_prefix
@@ -161,8 +154,7 @@ class BATReducer(MergingReducer):
         if plan is None:
             return None
         k, clusters, pairs = plan
-        rows = "first" if self.importance == "cls" else "all"  # the class token's row beside the fused kernel
-        half = attention_half(block, x, state.attn_mask(x, self.prop_attn), attn_rows=rows)
+        half = self.importance_half(block, x, state)
         heads = half.attn.shape[1]
         importance = attention_importance(half.attn, state.size, P, self.importance) / heads  # (B, n)
 
@@ -192,6 +184,6 @@ class BATReducer(MergingReducer):
 
         d = keys.shape[-1]
         macs = (n - k) ** 2 * C + math.ceil(k / 2) * (k // 2) * d
-        macs += M * C if self.importance == "cls" else heads * M * M  # class-token row again, or mean over rows
+        macs += self.importance_macs(M, C, heads)
         state.extra_macs = state.extra_macs + macs
         return mlp_half(block, merged)

@@ -31,20 +31,12 @@ and SViT's baselines were trained without it).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .base import (
-    TokenReducer,
-    check_blocks,
-    check_fractions,
-    check_per_block,
-    dense_token_counts,
-    keep_masks_to_token_maps,
-    keep_rate_stats,
-)
+from .gated import KeepMaskReducer, KeepMaskState
 from .gates import KEEP, LocalGlobalGate, sample_keep
 from .toolkit import attention_half, force_min_keep, keep_count, keep_target_loss, mlp_half, with_prefix
 
@@ -68,39 +60,26 @@ def block_with_policy(block: nn.Module, x: Tensor, policy: Tensor) -> Tensor:
 
 
 @dataclass
-class DynamicViTState:
-    """What one forward of :class:`DynamicViTReducer` remembers.
+class DynamicViTState(KeepMaskState):
+    """What one forward of :class:`DynamicViTReducer` remembers: a :class:`KeepMaskState` (``gathered``: the
+    dropped tokens leave the set, at inference), and
 
     Attributes:
-        num_prefix: Prefix tokens in front of the patch tokens.
-        hw: Patch grid (h, w).
-        batch: Images B.
-        device: Device of the tokens.
-        gathered: Whether dropped tokens leave the set (inference) rather than being masked (training).
         decision: Training: (B, h*w) float {0, 1} keep decision so far, with straight-through gradients; None
             before the first stage.
         positions: Inference: (B, K) patch position of each current patch token.
         full: Inference: (B, h*w, C) the output map's values of the dropped positions; None before the first
             stage.
-        fractions: Pruning block index -> (B,) kept fraction of the patch tokens (gradients in training).
-        masks: Pruning block index -> (B, h*w) bool, kept positions, detached.
         predicted: Tokens the predictors scored, per image.
     """
 
-    num_prefix: int
-    hw: tuple[int, int]
-    batch: int
-    device: torch.device
-    gathered: bool
     decision: Tensor | None = None
     positions: Tensor | None = None
     full: Tensor | None = None
-    fractions: dict[int, Tensor] = field(default_factory=dict)
-    masks: dict[int, Tensor] = field(default_factory=dict)
     predicted: int = 0
 
 
-class DynamicViTReducer(TokenReducer):
+class DynamicViTReducer(KeepMaskReducer):
     """DynamicViT token sparsification (Rao et al., NeurIPS 2021); see the module docstring.
 
     Args:
@@ -116,6 +95,7 @@ class DynamicViTReducer(TokenReducer):
     """
 
     renamed_keys = {"prune_blocks": "blocks", "keep_ratios": "keep_targets"}
+    state_type = DynamicViTState
 
     def __init__(
         self,
@@ -127,33 +107,17 @@ class DynamicViTReducer(TokenReducer):
         tau: float = 1.0,
         min_keep: int = 1,
     ) -> None:
-        super().__init__()
-        blocks, keep_targets = check_blocks(blocks), tuple(float(t) for t in keep_targets)
-        check_per_block(keep_targets, blocks, "keep_targets")
-        check_fractions(keep_targets, "keep_targets")
-        if any(a < b for a, b in zip(keep_targets, keep_targets[1:])):
-            raise ValueError(f"keep_targets must be non-increasing (a dropped token stays dropped), got {keep_targets}")
+        super().__init__(embed_dim, blocks, keep_targets, min_keep, tau)
+        targets = self.keep_targets
+        if any(a < b for a, b in zip(targets, targets[1:])):
+            raise ValueError(f"keep_targets must be non-increasing (a dropped token stays dropped), got {targets}")
         if embed_dim % 4:
             raise ValueError(f"DynamicViT's predictor needs embed_dim divisible by 4, got {embed_dim}")
         if ratio_loss_weight < 0:
             raise ValueError(f"ratio_loss_weight must be >= 0, got {ratio_loss_weight}")
-        if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        if min_keep < 1:
-            raise ValueError(f"min_keep must be >= 1 (attention needs a key), got {min_keep}")
-        self.embed_dim = embed_dim
-        self.blocks = blocks
-        self.keep_targets = keep_targets
         self.ratio_loss_weight = ratio_loss_weight
         self.keep_pruned = keep_pruned
-        self.tau = tau
-        self.min_keep = min_keep
-        self.stage_of = {block: s for s, block in enumerate(blocks)}
-        self.predictors = nn.ModuleList(DynamicViTPredictor(embed_dim) for _ in blocks)
-
-    def keep_schedule(self, depth: int | None = None, num_patches: int | None = None) -> tuple[float, ...]:
-        """The keep targets (fractions of the image's patch tokens, cumulative already)."""
-        return self.keep_targets
+        self.predictors = nn.ModuleList(DynamicViTPredictor(embed_dim) for _ in self.blocks)
 
     def extra_repr(self) -> str:
         return (
@@ -161,16 +125,10 @@ class DynamicViTReducer(TokenReducer):
             f"ratio_loss_weight={self.ratio_loss_weight}"
         )
 
-    # the three calls of the backbone
-
-    def begin(self, x: Tensor, hw: tuple[int, int], num_prefix: int) -> tuple[Tensor, DynamicViTState]:
-        state = DynamicViTState(
-            num_prefix=num_prefix, hw=tuple(hw), batch=x.shape[0], device=x.device, gathered=not self.training
-        )
-        return x, state
+    # the calls of the backbone, beyond the base's
 
     def run_block(self, index: int, block: nn.Module, x: Tensor, state: DynamicViTState) -> Tensor:
-        s = self.stage_of.get(index)
+        s = self.gate_index.get(index)
         if state.gathered:
             if s is not None:
                 x = self._prune_eval(s, x, state)
@@ -200,32 +158,13 @@ class DynamicViTReducer(TokenReducer):
             return {}
         blocks = [b for b in self.blocks if b in state.fractions]  # a forward may span some stages only
         fractions = torch.stack([state.fractions[b] for b in blocks])
-        targets = fractions.new_tensor([self.keep_targets[self.stage_of[b]] for b in blocks])
+        targets = fractions.new_tensor([self.keep_targets[self.gate_index[b]] for b in blocks])
         loss = keep_target_loss(fractions, targets, "image")
         return {"loss_dynamicvit_ratio": self.ratio_loss_weight * loss}
-
-    def stats(self, state: DynamicViTState) -> dict[str, float | Tensor]:
-        """``keep_rate.block{i}`` (0-dim, mean over images), ``keep_rate_per_image.block{i}`` (B,), and
-        ``keep_rate.mean`` over the pruning blocks; detached tensors."""
-        return keep_rate_stats(state.fractions)
-
-    def token_counts(self, state: DynamicViTState, depth: int) -> Tensor:
-        """All tokens in training (masking runs every token) and before the first stage; prefix + kept from
-        each stage on at inference."""
-        n = state.num_prefix + state.hw[0] * state.hw[1]
-        counts = dense_token_counts(depth, state.batch, n, device=state.device)
-        if state.gathered:
-            for block, mask in sorted(state.masks.items()):
-                counts[block:] = state.num_prefix + mask.sum(dim=1).float()
-        return counts
 
     def extra_macs(self, state: DynamicViTState) -> float:
         """The predictors' linear layers over the tokens they scored."""
         return float(state.predicted * self.predictors[0].macs_per_token()) if len(self.predictors) else 0.0
-
-    def token_maps(self, state: DynamicViTState) -> dict[int, Tensor]:
-        """Kept positions carry their own index, dropped ones ``PRUNED``."""
-        return keep_masks_to_token_maps(state.masks)
 
     # pruning stages
 
@@ -238,7 +177,7 @@ class DynamicViTReducer(TokenReducer):
         allowed = log_p[..., KEEP].exp().masked_fill(prev.detach() <= 0.5, -1.0)
         d = force_min_keep(d, allowed, self.min_keep)
         state.predicted += d.shape[1]
-        self._record(s, d, d.detach() > 0.5, state)
+        self.record_mask(self.blocks[s], d, state)
         state.decision = d
 
     def sample_keep(self, log_p: Tensor) -> Tensor:
@@ -264,10 +203,5 @@ class DynamicViTReducer(TokenReducer):
         state.positions = state.positions.gather(1, top)
         kept = torch.ones_like(state.positions, dtype=torch.bool)  # not the scalar True: torch.jit cannot trace it
         mask = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter(1, state.positions, kept)
-        self._record(s, mask.float(), mask, state)
+        self.record_mask(self.blocks[s], mask, state)
         return torch.cat([x[:, :P], patch.gather(1, top.unsqueeze(-1).expand(-1, -1, C))], dim=1)
-
-    def _record(self, s: int, d: Tensor, mask: Tensor, state: DynamicViTState) -> None:
-        block = self.blocks[s]
-        state.fractions[block] = d.mean(dim=1)
-        state.masks[block] = mask

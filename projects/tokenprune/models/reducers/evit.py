@@ -33,7 +33,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import PRUNED, TokenReducer, check_blocks, check_fractions, check_per_block, cumulative, keep_rate_stats
+from .base import (
+    PRUNED,
+    TokenReducer,
+    check_blocks,
+    check_fractions,
+    check_min_keep,
+    check_per_block,
+    cumulative,
+    keep_rate_stats,
+)
 from .toolkit import attention_half, keep_count, mlp_half
 
 SCORES = ("cls", "mean_attention")
@@ -119,8 +128,7 @@ class EViTReducer(TokenReducer):
             raise ValueError(f"restore must be one of {RESTORES}, got {restore!r}")
         if fuse == "none" and restore == "fused":
             raise ValueError("fuse='none' leaves no fused token to restore positions from: use restore='last'")
-        if min_keep < 1:
-            raise ValueError(f"min_keep must be >= 1 (attention needs a key), got {min_keep}")
+        check_min_keep(min_keep)
         self.embed_dim = embed_dim
         self.blocks = blocks
         self.keep_ratio = float(keep_ratio) if single else ratios

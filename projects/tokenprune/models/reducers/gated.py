@@ -1,5 +1,8 @@
-"""The base of learned-gate reducers (SViT, TPC): per-token decisions at the blocks of ``blocks``, keep targets,
-calibrated inference thresholds, and what such a reducer reports.
+"""The bases of learned-gate reducers: per-token keep decisions at the blocks of ``blocks`` against keep targets.
+
+:class:`KeepMaskReducer` (SViT, TPC, DynamicViT): the configuration (``blocks``, ``keep_targets``, ``min_keep``,
+``tau``), the per-forward state, and what such a reducer reports, from the keep mask of each decided block:
+keep rates, token counts and token maps. :class:`GatedReducer` (SViT, TPC) adds calibrated inference thresholds.
 
 A :class:`GatedReducer` keeps the token set (pruned or paused tokens stay in place with their value). At each
 block of ``blocks`` its subclass scores every patch token (a gate's p_keep, TPC's probability of running) and
@@ -35,6 +38,7 @@ from .base import (
     TokenReducer,
     check_blocks,
     check_fractions,
+    check_min_keep,
     check_per_block,
     dense_token_counts,
     keep_masks_to_token_maps,
@@ -57,8 +61,8 @@ FALLBACK_REASONS = {
 
 
 @dataclass
-class GatedState:
-    """What one forward of a :class:`GatedReducer` remembers.
+class KeepMaskState:
+    """What one forward of a :class:`KeepMaskReducer` remembers.
 
     Attributes:
         num_prefix: Prefix tokens in front of the patch tokens.
@@ -66,9 +70,7 @@ class GatedState:
         batch: Images B.
         device: Device of the tokens.
         gathered: Whether decided blocks ran on the kept tokens only (inference) rather than on all tokens with
-            the others masked as keys (training).
-        keep: (B, h*w) the last decision: float {0, 1} carrying straight-through gradients in training, bool at
-            inference; None before the first decided block.
+            the others masked (training).
         fractions: Decided block index -> (B,) kept fraction of each image's patch tokens (gradients in
             training).
         masks: Decided block index -> (B, h*w) bool decision, detached.
@@ -79,12 +81,102 @@ class GatedState:
     batch: int
     device: torch.device
     gathered: bool
-    keep: Tensor | None = None
     fractions: dict[int, Tensor] = field(default_factory=dict)
     masks: dict[int, Tensor] = field(default_factory=dict)
 
 
-class GatedReducer(TokenReducer):
+@dataclass
+class GatedState(KeepMaskState):
+    """What one forward of a :class:`GatedReducer` remembers: a :class:`KeepMaskState`, and
+
+    Attributes:
+        keep: (B, h*w) the last decision: float {0, 1} carrying straight-through gradients in training, bool at
+            inference; None before the first decided block.
+    """
+
+    keep: Tensor | None = None
+
+
+class KeepMaskReducer(TokenReducer):
+    """Base class of reducers that decide a keep mask over the patch tokens at each block of ``blocks``, from a
+    learned gate per block, against keep targets (cumulative fractions of the image's patch tokens).
+
+    A subclass runs its blocks and calls :meth:`record_mask` at each decided block; this class starts the state
+    (``state_type``) and reports from the masks: keep rates (:meth:`stats`), token maps and token counts (the
+    kept tokens at a decided block at inference; with ``keeps_token_set`` False, also at the blocks after it up
+    to the next decided one, as the dropped tokens left the set).
+
+    Args:
+        embed_dim: Token channels C of the backbone.
+        blocks: The decided blocks, strictly increasing.
+        keep_targets: Target fraction of each image's patch tokens kept at each decided block, in (0, 1].
+        min_keep: Patch tokens kept per image at least, at every decided block (>= 1).
+        tau: Temperature of the training samples (> 0).
+    """
+
+    state_type: ClassVar[type[KeepMaskState]] = KeepMaskState
+
+    def __init__(
+        self, embed_dim: int, blocks: Sequence[int], keep_targets: Sequence[float], min_keep: int, tau: float
+    ) -> None:
+        super().__init__()
+        blocks, targets = check_blocks(blocks), tuple(float(t) for t in keep_targets)
+        check_per_block(targets, blocks, "keep_targets")
+        check_fractions(targets, "keep_targets")
+        check_min_keep(min_keep)
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.embed_dim = embed_dim
+        self.blocks = blocks
+        self.keep_targets = targets
+        self.min_keep = min_keep
+        self.tau = tau
+        self.gate_index = {block: g for g, block in enumerate(blocks)}
+
+    def keep_schedule(self, depth: int | None = None, num_patches: int | None = None) -> tuple[float, ...]:
+        """The keep targets, one per decided block (not cumulative products: each is a fraction of the image's
+        patch tokens already)."""
+        return self.keep_targets
+
+    def begin(self, x: Tensor, hw: tuple[int, int], num_prefix: int) -> tuple[Tensor, KeepMaskState]:
+        state = self.state_type(
+            num_prefix=num_prefix, hw=tuple(hw), batch=x.shape[0], device=x.device, gathered=not self.training
+        )
+        return x, state
+
+    def record_mask(self, block: int, keep: Tensor, state: KeepMaskState) -> Tensor:
+        """Remember decided block ``block``'s decision (B, Np) (float {0, 1} with gradients, or bool): its kept
+        fraction per image and its detached bool mask, which it returns."""
+        mask = keep.detach() > 0.5 if keep.is_floating_point() else keep
+        state.fractions[block] = keep.float().mean(dim=1)
+        state.masks[block] = mask
+        return mask
+
+    # what the backbone keeps afterwards
+
+    def stats(self, state: KeepMaskState) -> dict[str, float | Tensor]:
+        """``keep_rate.block{i}`` (0-dim, mean over images), ``keep_rate_per_image.block{i}`` (B,), and
+        ``keep_rate.mean`` over the decided blocks; detached."""
+        return keep_rate_stats(state.fractions)
+
+    def token_counts(self, state: KeepMaskState, depth: int) -> Tensor:
+        """All tokens in training (masking runs every token) and before the first decided block; at inference
+        prefix + kept at each decided block (and, for a reducer that drops tokens from the set, at the blocks
+        after it up to the next decided one)."""
+        n = state.num_prefix + state.hw[0] * state.hw[1]
+        counts = dense_token_counts(depth, state.batch, n, device=state.device)
+        if state.gathered:
+            for block, keep in sorted(state.masks.items()):
+                rows = block if self.keeps_token_set else slice(block, None)  # dropped tokens stay dropped
+                counts[rows] = state.num_prefix + keep.sum(dim=1).float()
+        return counts
+
+    def token_maps(self, state: KeepMaskState) -> dict[int, Tensor]:
+        """Kept positions carry their own index, pruned (paused, dropped) ones ``PRUNED``."""
+        return keep_masks_to_token_maps(state.masks)
+
+
+class GatedReducer(KeepMaskReducer):
     """Base class of learned-gate reducers; see the module docstring.
 
     A subclass builds its per-block modules after calling this constructor, implements :meth:`run_gated`
@@ -115,34 +207,16 @@ class GatedReducer(TokenReducer):
         inference: str,
         threshold_momentum: float,
     ) -> None:
-        super().__init__()
-        blocks, targets = check_blocks(blocks), tuple(float(t) for t in keep_targets)
-        check_per_block(targets, blocks, "keep_targets")
-        check_fractions(targets, "keep_targets")
+        super().__init__(embed_dim, blocks, keep_targets, min_keep, tau)
         if inference not in self.inference_rules_offered:
             raise ValueError(f"inference must be one of {self.inference_rules_offered}, got {inference!r}")
-        if min_keep < 1:
-            raise ValueError(f"min_keep must be >= 1 (attention needs a key), got {min_keep}")
-        if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
         if not 0.0 < threshold_momentum <= 1.0:
             raise ValueError(f"threshold_momentum must be in (0, 1], got {threshold_momentum}")
-        self.embed_dim = embed_dim
-        self.blocks = blocks
-        self.keep_targets = targets
-        self.min_keep = min_keep
-        self.tau = tau
         self.inference = inference
         self.threshold_momentum = threshold_momentum
         self.calibrating = False  # eval forwards update the thresholds (set by calibration())
-        self.gate_index = {block: g for g, block in enumerate(blocks)}
-        self.register_buffer("thresholds", torch.zeros(len(blocks)))
-        self.register_buffer("calibration_steps", torch.zeros(len(blocks), dtype=torch.long))
-
-    def keep_schedule(self, depth: int | None = None, num_patches: int | None = None) -> tuple[float, ...]:
-        """The keep targets, one per decided block (not cumulative products: each is a fraction of the image's
-        patch tokens already)."""
-        return self.keep_targets
+        self.register_buffer("thresholds", torch.zeros(len(self.blocks)))
+        self.register_buffer("calibration_steps", torch.zeros(len(self.blocks), dtype=torch.long))
 
     # what a subclass implements
 
@@ -158,13 +232,7 @@ class GatedReducer(TokenReducer):
         """The (B, Np) bool decision of a subclass's own inference rule (beyond threshold and fixed)."""
         raise NotImplementedError(f"{type(self).__name__} has no inference rule {rule!r}")
 
-    # the three calls of the backbone
-
-    def begin(self, x: Tensor, hw: tuple[int, int], num_prefix: int) -> tuple[Tensor, GatedState]:
-        state = self.state_type(
-            num_prefix=num_prefix, hw=tuple(hw), batch=x.shape[0], device=x.device, gathered=not self.training
-        )
-        return x, state
+    # the calls of the backbone, beyond the base's
 
     def run_block(self, index: int, block: nn.Module, x: Tensor, state: GatedState) -> Tensor:
         g = self.gate_index.get(index)
@@ -175,31 +243,10 @@ class GatedReducer(TokenReducer):
     def finish(self, x: Tensor, state: GatedState) -> Tensor:
         return x  # pruned / paused tokens were never removed from x
 
-    # what the backbone keeps afterwards
-
-    def stats(self, state: GatedState) -> dict[str, float | Tensor]:
-        """``keep_rate.block{i}`` (0-dim, mean over images), ``keep_rate_per_image.block{i}`` (B,), and
-        ``keep_rate.mean`` over the decided blocks; detached."""
-        return keep_rate_stats(state.fractions)
-
-    def token_counts(self, state: GatedState, depth: int) -> Tensor:
-        """All tokens at undecided blocks and in training (masking runs every token); prefix + kept at decided
-        blocks at inference."""
-        n = state.num_prefix + state.hw[0] * state.hw[1]
-        counts = dense_token_counts(depth, state.batch, n, device=state.device)
-        if state.gathered:
-            for block, keep in state.masks.items():
-                counts[block] = state.num_prefix + keep.sum(dim=1).float()
-        return counts
-
     def extra_macs(self, state: GatedState) -> float:
         """The method's own computation (:meth:`gate_macs_per_token`) over every patch token, at every decided
         block."""
         return float(len(state.masks) * state.hw[0] * state.hw[1] * self.gate_macs_per_token())
-
-    def token_maps(self, state: GatedState) -> dict[int, Tensor]:
-        """Kept positions carry their own index, pruned or paused ones ``PRUNED``."""
-        return keep_masks_to_token_maps(state.masks)
 
     # decisions
 
@@ -230,13 +277,9 @@ class GatedReducer(TokenReducer):
 
     def record(self, g: int, keep: Tensor, state: GatedState) -> Tensor:
         """Remember decided block ``g``'s decision (B, Np) (float with gradients, or bool); returns its detached
-        bool mask."""
-        block = self.blocks[g]
-        mask = keep.detach() > 0.5 if keep.is_floating_point() else keep
+        bool mask; the decision is the state's ``keep`` from now on."""
         state.keep = keep
-        state.fractions[block] = keep.float().mean(dim=1)
-        state.masks[block] = mask
-        return mask
+        return self.record_mask(self.blocks[g], keep, state)
 
     def stacked_fractions(self, state: GatedState) -> Tensor:
         """(G, B) kept fractions at the decided blocks, in block order (gradients in training)."""

@@ -36,7 +36,7 @@ from .base import (
     dense_token_counts,
     keep_rate_stats,
 )
-from .toolkit import keep_count
+from .toolkit import HalfBlock, attention_half, keep_count
 
 # ---------------------------------------------------------------------------------------- attention importance
 
@@ -344,6 +344,9 @@ class MergingReducer(TokenReducer):
         prop_attn: Proportional attention: log(size) added to the attention logits of every block once
             tokens were merged.
         default_keep_ratio: The subclass's default ``keep_ratio``.
+        importance: How the subclass scores tokens by the attention they receive (``'cls'`` or ``'mean'``,
+            :func:`attention_importance`; ``'cls'`` refused at :meth:`begin` on a backbone without class token);
+            None: it does not.
     """
 
     def __init__(
@@ -354,8 +357,11 @@ class MergingReducer(TokenReducer):
         r: int | Sequence[int] | None,
         prop_attn: bool,
         default_keep_ratio: float | Sequence[float],
+        importance: str | None = None,
     ) -> None:
         super().__init__()
+        if importance is not None:
+            check_importance(importance, 1, self.method)
         if blocks is not None:
             blocks = check_blocks(blocks, non_empty=True)
         if keep_ratio is not None and r is not None:
@@ -380,6 +386,7 @@ class MergingReducer(TokenReducer):
         )
         self.r = r if r is None or isinstance(r, int) else tuple(r)
         self.prop_attn = prop_attn
+        self.importance = importance
         if blocks is not None:  # else checked against the backbone's depth
             self._check_budget_length(blocks)
 
@@ -406,6 +413,11 @@ class MergingReducer(TokenReducer):
             out.append(n / num_patches)
         return tuple(out)
 
+    @property
+    def method(self) -> str:
+        """The method's name in messages (the class name without ``Reducer``)."""
+        return type(self).__name__.removesuffix("Reducer")
+
     def is_reducing(self, index: int) -> bool:
         return self.blocks is None or index in self.blocks
 
@@ -431,6 +443,8 @@ class MergingReducer(TokenReducer):
     # the three calls of the backbone
 
     def begin(self, x: Tensor, hw: tuple[int, int], num_prefix: int) -> tuple[Tensor, MergeState]:
+        if self.importance is not None:
+            check_importance(self.importance, num_prefix, self.method)
         return x, MergeState.start(x, hw, num_prefix)
 
     def run_block(self, index: int, block: nn.Module, x: Tensor, state: MergeState) -> Tensor:
@@ -448,6 +462,24 @@ class MergingReducer(TokenReducer):
     def reduce(self, index: int, block: nn.Module, x: Tensor, state: MergeState) -> Tensor | None:
         """Run block ``index`` reducing its tokens; return None to have it run plainly instead."""
         raise NotImplementedError
+
+    def importance_half(self, block: nn.Module, x: Tensor, state: MergeState) -> HalfBlock:
+        """The attention half of ``block`` on tokens x (B, M, C) (proportional attention once merged), with the
+        attention probabilities ``importance`` reads: the class token's row beside the fused kernel (``'cls'``),
+        or all rows, computed explicitly (``'mean'``)."""
+        rows = "first" if self.importance == "cls" else "all"
+        return attention_half(block, x, state.attn_mask(x, self.prop_attn), attn_rows=rows)
+
+    def importance_macs(self, num_tokens: int, channels: int, heads: int) -> int:
+        """Multiply-accumulates per image of reading the importance beside the fused attention: the class
+        token's attention row again (M C), or the mean over all rows (heads M^2).
+
+        Args:
+            num_tokens: Tokens M the block received.
+            channels: Token channels C.
+            heads: Attention heads.
+        """
+        return num_tokens * channels if self.importance == "cls" else heads * num_tokens * num_tokens
 
     def finish(self, x: Tensor, state: MergeState) -> Tensor:
         return state.restore(x)

@@ -41,10 +41,9 @@ from .merging import (
     MergingReducer,
     attention_importance,
     bipartite_merge_rounds,
-    check_importance,
     merge_tokens,
 )
-from .toolkit import attention_half, mlp_half
+from .toolkit import mlp_half
 
 DEFAULT_BLOCKS = (3, 6, 9)
 DEFAULT_KEEP_RATIO = (146 / 196, 96 / 146, 48 / 96)
@@ -122,15 +121,13 @@ class PPTReducer(MergingReducer):
     ) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-        check_importance(importance, 1, "PPT")
         if threshold is None:
             threshold = PAPER_CV_THRESHOLD if criterion == "cv" else PAPER_VARIANCE_THRESHOLD
         if not threshold > 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
-        super().__init__(embed_dim, blocks, keep_ratio, r, prop_attn, DEFAULT_KEEP_RATIO)
+        super().__init__(embed_dim, blocks, keep_ratio, r, prop_attn, DEFAULT_KEEP_RATIO, importance)
         self.criterion = criterion
         self.threshold = float(threshold)
-        self.importance = importance
 
     def extra_repr(self) -> str:
         return (
@@ -138,23 +135,18 @@ class PPTReducer(MergingReducer):
             f"importance={self.importance!r}"
         )
 
-    def begin(self, x: Tensor, hw: tuple[int, int], num_prefix: int) -> tuple[Tensor, MergeState]:
-        check_importance(self.importance, num_prefix, "PPT")
-        return super().begin(x, hw, num_prefix)
-
     def reduce(self, index: int, block: nn.Module, x: Tensor, state: MergeState) -> Tensor | None:
         P = state.num_prefix
         B, M, C = x.shape
         r = self.removals(index, M - P)
         if r == 0:
             return None
-        rows = "first" if self.importance == "cls" else "all"  # the class token's row beside the fused kernel
-        half = attention_half(block, x, state.attn_mask(x, self.prop_attn), attn_rows=rows)
+        half = self.importance_half(block, x, state)
         scores = ppt_scores(half.attn, half.v, state.size, P, self.importance)
         stat = redundancy(scores, self.criterion)
         pool = stat < self.threshold  # (B,)
         # value norms, and the class token's attention row (computed again) or the mean over all rows
-        macs = torch.full((B,), float(M * C + (M * C if self.importance == "cls" else half.attn.shape[1] * M * M)))
+        macs = torch.full((B,), float(M * C + self.importance_macs(M, C, half.attn.shape[1])))
         macs = macs.to(x.device)
 
         assign = prune_assignment(scores, r, P)

@@ -63,8 +63,8 @@ from torch import Tensor, nn
 from .gated import DEFAULT_BLOCKS, DEFAULT_KEEP_TARGETS, INFERENCE_RULES, GatedReducer, GatedState
 from .gates import GATES, KEEP, PRUNE, sample_keep
 from .sparse_train import check_train_compute, run_gated_sparse
-from .toolkit import force_min_keep, keep_target_loss, run_masked, run_on_kept, with_prefix
-from .windowed import run_on_kept_windowed
+from .toolkit import force_min_keep, keep_target_loss, run_masked, with_prefix
+from .windowed import run_block_on_kept
 
 
 @dataclass
@@ -231,9 +231,8 @@ class SViTReducer(GatedReducer):
         if not self.reactivation and state.keep is not None:
             keep &= state.keep
         self.record(g, keep, state)
-        if getattr(block, "needs_grid", False):  # windowed, or relative positions: per window, at the grid places
-            return run_on_kept_windowed(block, x, keep, state.hw)
-        return run_on_kept(block, x, with_prefix(keep, P, True))
+        # windowed, or relative positions: per window, at the grid places; else the image's kept tokens
+        return run_block_on_kept(block, x, keep, state.hw, P)
 
     def decide_by_rule(self, rule: str, log_p: Tensor | None, generator: torch.Generator | None) -> Tensor:
         """The official rules: ``'official'`` (the official argmin: a tie prunes) and ``'sample'``."""

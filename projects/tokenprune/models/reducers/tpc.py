@@ -38,6 +38,12 @@ reducer.calibration():`` around eval forwards recalibrates a checkpoint, e.g. wi
 ``ceil(target * N)`` tokens of highest s run (``inference='fixed'``). SViT's official rules (``'official'``,
 ``'sample'``) have no TPC counterpart: TPC has no released code. At least ``min_keep`` patch tokens run, in
 training too.
+
+ViTDet's windowed blocks and global blocks with relative positions (``docs/vitdet.md``): as SViT's, a controlled
+block at inference runs each window on its active tokens at their original places
+(:func:`tokenprune.models.reducers.windowed.run_block_on_kept`), and in training masks the paused tokens out as
+keys window by window; the stabilizer's convolution runs on the whole token grid, across windows, as on a
+global backbone. ``train_compute='sparse'`` is refused there (global blocks without relative positions only).
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ from torch import Tensor, nn
 from .gated import DEFAULT_BLOCKS, DEFAULT_KEEP_TARGETS, GatedReducer, GatedState
 from .gates import MLPGate
 from .sparse_train import check_train_compute, run_gated_sparse
-from .toolkit import force_min_keep, keep_target_loss, run_masked, run_on_kept, with_prefix
+from .toolkit import force_min_keep, keep_target_loss, run_masked
+from .windowed import run_block_on_kept
 
 PAUSE, RESTART = 0, 1  # the controller's logit indices
 
@@ -145,6 +152,7 @@ class TPCReducer(GatedReducer):
             feeds the controller's gradient (1: all, exact; below 1: an unbiased estimate).
     """
 
+    runs_on_grid = True  # windowed / relative-position blocks run per window on the active tokens (windowed.py)
     renamed_keys = {"controlled_blocks": "blocks"}
     state_type = TPCState
 
@@ -211,7 +219,7 @@ class TPCReducer(GatedReducer):
             if self.stabilizers is not None and not bool(active.all()):
                 stable = torch.where(active.unsqueeze(-1), patch, self._stabilized(g, patch, state))
                 x = torch.cat([x[:, :P], stable], dim=1)
-            out = run_on_kept(block, x, with_prefix(active, P, True))
+            out = run_block_on_kept(block, x, active, state.hw, P)
         mask = self.record(g, active, state)
         if was_active is not None:
             paused = ~was_active

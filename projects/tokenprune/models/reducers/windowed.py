@@ -14,9 +14,18 @@ a windowed block, and a global block with relative positions, by gathering the k
 - the MLP runs on the kept tokens, and they are scattered back; pruned tokens keep their value.
 
 This equals the dense block with the pruned tokens masked out as keys (their outputs discarded), which is how
-such a method trains; with every token kept it is the dense block.
+such a method trains; with every token kept it is the dense block. :func:`run_block_on_kept` is the one dispatch
+of the learned-gate reducers (SViT, TPC) at inference: this path for a block that needs the grid, the gather of
+the kept tokens of each image (:func:`tokenprune.models.reducers.toolkit.run_on_kept`) for the others.
 
-Torch-only; method files (``svit.py``) import it, it imports none of them.
+A merging method that keeps the grid (ToMe inside windows, ``tome.py``) partitions the grid into
+:func:`window_groups`: the windows of one content size (interior, right edge, bottom edge, corner), the real
+tokens of each in row-major order, the grid padding left out.
+
+Which reducers cannot run in these blocks, and why, is said here too (:func:`grid_refusal`, the message of
+:meth:`tokenprune.models.vit.ViT.set_reducer`).
+
+Torch-only; method files (``svit.py``, ``tpc.py``, ``tome.py``) import it, it imports none of them.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .toolkit import run_on_kept, with_prefix
 
 
 def block_window(block: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
@@ -183,3 +194,152 @@ def run_on_kept_windowed(block: nn.Module, x: Tensor, keep: Tensor, hw: tuple[in
     if bool(keep.all()):
         return block(x, None, hw)
     return run_gathered(block, x, keep, hw)[0]
+
+
+def run_block_on_kept(block: nn.Module, x: Tensor, keep: Tensor, hw: tuple[int, int], num_prefix: int) -> Tensor:
+    """Run a block on the kept patch tokens of each image only (a learned-gate reducer at inference); the others
+    keep their value. A block that needs the token grid (``block.needs_grid``: windowed, or relative positions)
+    runs each window on its kept tokens at their grid places (:func:`run_on_kept_windowed`); another gathers the
+    kept tokens of each image, prefix tokens always kept (:func:`tokenprune.models.reducers.toolkit.run_on_kept`).
+
+    Args:
+        block: A :class:`tokenprune.models.vit.Block`.
+        x: Tokens (B, num_prefix + h*w, C).
+        keep: (B, h*w) bool over the patch tokens.
+        hw: The token grid (h, w).
+        num_prefix: Prefix tokens in front of the patch tokens (0 where the block needs the grid).
+
+    Returns:
+        (B, num_prefix + h*w, C).
+    """
+    if getattr(block, "needs_grid", False):
+        return run_on_kept_windowed(block, x, keep, hw)
+    return run_on_kept(block, x, with_prefix(keep, num_prefix, True))
+
+
+# ------------------------------------------------------------------------------------ windows of one content size
+
+
+@dataclass
+class WindowGroup:
+    """The windows of a token grid whose real tokens have one size (hv, wv): interior windows (the whole
+    window), the right and bottom edges and the corner (cut by the grid's end; the rest is the zero padding of
+    a windowed block). The same windows in every image of the batch.
+
+    Attributes:
+        index: (B * k, n) long, the real tokens of each window (row-major in the window) as indices into the
+            batch's flattened (B * h*w) tokens; rows image by image, the k windows of an image in row-major order.
+        positions: (k, n) long, the same tokens' positions on one image's (h, w) grid.
+        coords: (n, 2) long, each slot's (row, column) inside its window.
+        content_hw: (hv, wv), the rows and columns of the windows that hold tokens.
+    """
+
+    index: Tensor
+    positions: Tensor
+    coords: Tensor
+    content_hw: tuple[int, int]
+
+    @property
+    def per_image(self) -> int:
+        """k, the windows of this group in one image."""
+        return self.positions.shape[0]
+
+    @property
+    def size(self) -> int:
+        """n, the real tokens of each window."""
+        return self.positions.shape[1]
+
+
+def window_groups(
+    batch: int, hw: tuple[int, int], window: tuple[int, int], device: torch.device | None = None
+) -> list[WindowGroup]:
+    """The windows of a (h, w) grid, grouped by the size of their real part (at most four groups), the grid
+    padding left out.
+
+    Args:
+        batch: Images B.
+        hw: The token grid (h, w).
+        window: The window (rows, columns); the grid itself for a global block (one window).
+        device: Device of the index tensors.
+
+    Returns:
+        The :class:`WindowGroup` s, in the order their first window appears (row-major).
+    """
+    (h, w), (wh, ww) = hw, window
+    corners: dict[tuple[int, int], list[int]] = {}
+    for top in range(0, h, wh):
+        for left in range(0, w, ww):
+            corners.setdefault((min(wh, h - top), min(ww, w - left)), []).append(top * w + left)
+    groups = []
+    for (hv, wv), starts in corners.items():
+        rows = torch.arange(hv, device=device)[:, None].expand(hv, wv)
+        cols = torch.arange(wv, device=device)[None, :].expand(hv, wv)
+        local = (rows * w + cols).reshape(-1)
+        positions = torch.tensor(starts, device=device)[:, None] + local[None, :]  # (k, n)
+        images = torch.arange(batch, device=device)[:, None, None] * (h * w)
+        groups.append(
+            WindowGroup(
+                index=(images + positions[None]).reshape(-1, hv * wv),
+                positions=positions,
+                coords=torch.stack([rows, cols], dim=-1).reshape(-1, 2),
+                content_hw=(hv, wv),
+            )
+        )
+    return groups
+
+
+# ------------------------------------------------------------------------------------------------- refusals
+
+GRID_ALTERNATIVES = (
+    "Use SViT or TPC (pruned or paused tokens stay at their place; each window runs on its kept tokens), ToMe "
+    "(merges inside each window and unmerges after every block), or a backbone with global attention and no "
+    "relative positions (window_size=0, use_rel_pos=False)"
+)
+"""What to use instead, the end of every refusal."""
+
+GRID_REFUSALS: dict[str, str] = {
+    "EViTReducer": (
+        "it removes the inattentive tokens from the token set for all later blocks and fuses them into one "
+        "extra token that has no place on the grid, so the later blocks get a shorter set that cannot be cut "
+        "into windows; and its score is the class token's attention (score='cls'), ViTDet has no class token "
+        "(score='mean_attention' ranks the tokens of the whole image, not of a window)"
+    ),
+    "DynamicViTReducer": (
+        "at inference it drops the pruned tokens from the token set for good (hierarchical pruning, no "
+        "reactivation), so the later blocks get a shorter set that cannot be cut into windows; in training its "
+        "policy softmax runs explicit attention over every key of the image, which a window or relative-position "
+        "block does not offer; its predictor's global feature is a mean over the whole image"
+    ),
+    "PPTReducer": (
+        "it prunes or pools tokens out of the token set (pooling is ToMe's matching over the whole image, "
+        "across windows), so the later blocks get a shorter set that cannot be cut into windows; and its "
+        "scores are the class token's attention (importance='cls'), ViTDet has no class token"
+    ),
+    "BATReducer": (
+        "it clusters the inattentive tokens of the whole image (DPC-KNN, across windows) and merges attentive "
+        "pairs, so the later blocks get a shorter set whose merged tokens belong to no single window; and its "
+        "scores are the class token's attention (importance='cls'), ViTDet has no class token"
+    ),
+}
+"""Why each reducer that cannot run in windowed or relative-position blocks cannot, by class name."""
+
+
+def grid_refusal(reducer: nn.Module, what: str) -> str:
+    """The message of a backbone with grid blocks refusing ``reducer``: the reducer, the backbone's grid blocks,
+    why (:data:`GRID_REFUSALS`; for another reducer, that it does not keep every token at its grid place), and
+    what to use (:data:`GRID_ALTERNATIVES`).
+
+    Args:
+        reducer: The refused reducer (``runs_on_grid`` False).
+        what: The backbone's grid blocks in words, e.g. ``'window attention (window_size=14, ...)'``.
+    """
+    name = type(reducer).__name__
+    why = GRID_REFUSALS.get(
+        name,
+        "it shrinks or merges the token set across the whole image (runs_on_grid is False), which breaks the "
+        "window grid",
+    )
+    return (
+        f"{name} cannot drive a backbone with {what}: {why}. Windows and relative positions need every token at "
+        f"its place on the token grid (the window grid). {GRID_ALTERNATIVES}"
+    )
