@@ -9,41 +9,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_vitdet import DEPTH, DIM, GLOBAL, HEADS, TINY, WINDOW, randomise, ref_rel_table  # noqa: F401 (re-exported)
 
 from tokenprune.models import SViTReducer, ViT
 from tokenprune.models.flops import backbone_macs, count_backbone_macs, dense_backbone_macs
 from tokenprune.models.reducers.windowed import kept_windows, run_gathered, run_on_kept_windowed, window_counts
 
-DIM, HEADS, DEPTH, WINDOW = 48, 3, 4, 4
-GLOBAL = (1, 3)
-TINY = dict(
-    img_size=64,
-    embed_dim=DIM,
-    depth=DEPTH,
-    num_heads=HEADS,
-    cls_token=False,
-    final_norm=False,
-    window_size=WINDOW,
-    global_block_indexes=GLOBAL,
-    use_rel_pos=True,
-    rel_pos_input_size=6,  # the global tables are interpolated for every grid but 6 x 6
-)
 # grids: 7x10 (neither side a multiple of the window), 13x6, one padded window (3x2), one token (1x1), 8x8
 GRIDS = [(7, 10), (13, 6), (3, 2), (1, 1), (8, 8)]
-
-
-def randomise(model: ViT, seed: int = 0) -> ViT:
-    """Random non-trivial values for every tensor, the relative-position tables and norms included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm1.weight") or name.endswith("norm2.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "rel_pos" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +40,6 @@ def random_keep(batch: int, hw: tuple[int, int], p: float, seed: int) -> torch.T
 
 # ---------------------------------------------------------------------------------------------------------
 # The reference: the block on one image, one window at a time, pruned keys masked out, outputs restored
-
-
-def ref_rel_table(size: int, table: torch.Tensor) -> torch.Tensor:
-    """(size, size, d): entry [i, j] is the embedding of offset i - j, the table linearly interpolated to
-    2 * size - 1 rows when its length differs."""
-    if table.shape[0] != 2 * size - 1:
-        table = F.interpolate(table.T[None], size=2 * size - 1, mode="linear", align_corners=False)[0].T
-    index = torch.tensor([[i - j + size - 1 for j in range(size)] for i in range(size)])
-    return table[index]
 
 
 def params(model: ViT, i: int) -> dict:
